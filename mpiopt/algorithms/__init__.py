@@ -1,0 +1,1 @@
+"""Algorithms; importing this package registers every algorithm."""

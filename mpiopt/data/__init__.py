@@ -1,0 +1,1 @@
+"""Datasets and partitions; importing this package registers every dataset."""

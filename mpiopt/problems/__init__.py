@@ -1,0 +1,1 @@
+"""Problems; importing this package registers every problem."""

@@ -1,0 +1,38 @@
+"""The problem interface: an objective on a flat float32 parameter vector."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mpiopt.config import Section
+
+
+@dataclass(frozen=True)
+class ProblemConfig(Section):
+    """Keys common to every problem."""
+
+    def build(self, shard, batch_size: int, xp):
+        """Return the :class:`Problem` on this rank's ``shard`` with array module ``xp``."""
+        raise NotImplementedError
+
+
+class Problem:
+    """An objective on a flat float32 vector of length ``dim``.
+
+    ``gradient`` draws a minibatch from the rank's own shard and writes the stochastic
+    direction into ``out``; ``evaluate`` scores a vector on the held-out test set.
+    """
+
+    dim: int
+
+    def init(self, rng):
+        """Return initial parameters (float32, length ``dim``) drawn from ``rng``."""
+        raise NotImplementedError
+
+    def gradient(self, x, rng, out) -> dict:
+        """Write a stochastic gradient at ``x`` into ``out``; return metrics (``loss``)."""
+        raise NotImplementedError
+
+    def evaluate(self, x) -> dict:
+        """Return test metrics of ``x`` (``loss``, ``accuracy``)."""
+        raise NotImplementedError

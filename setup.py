@@ -1,0 +1,44 @@
+"""Packaging for mpiopt: communication-efficient distributed SGD over MPI."""
+
+from setuptools import setup
+
+setup(
+    name="mpiopt",
+    version="0.1.0",
+    description="Communication-efficient distributed SGD over MPI: SwarmSGD, GSGM, DPSGD, "
+    "signSGD/Signum with majority vote, Multi-Level Local SGD",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=[
+        "mpiopt",
+        "mpiopt.comm",
+        "mpiopt.compressors",
+        "mpiopt.algorithms",
+        "mpiopt.problems",
+        "mpiopt.data",
+        "mpiopt.io",
+        "mpiopt.bench",
+        "mpiopt.kernels",
+    ],
+    package_dir={"mpiopt.kernels": "kernels"},
+    install_requires=[
+        "numpy>=1.24",
+        "numba>=0.59",
+        "h5py>=3.8",
+        "mpi4py>=4.0",
+        "mpich>=4.2",
+        "PyYAML>=6.0",
+        "scikit-learn>=1.3",
+        "matplotlib>=3.7",
+        "networkx>=3.0",
+    ],
+    extras_require={
+        "gpu": ["cupy-cuda12x>=13"],
+        "torch": ["torch>=2.1"],
+        "rl": ["gymnasium>=0.29"],
+        "lda": ["gensim>=4.3"],
+        "dev": ["pytest>=7.4", "pytest-timeout>=2.2", "ruff>=0.4"],
+    },
+    entry_points={"console_scripts": ["mpiopt=mpiopt.cli:main"]},
+)
