@@ -1,0 +1,221 @@
+"""Shared pieces of every algorithm: config bases, the run context and the step loop.
+
+An algorithm is a frozen config class registered by name whose ``build(ctx)`` returns an
+:class:`Algorithm`. The algorithm owns its loop and its roles; the :class:`Context` gives it the
+shared services: transport, problem, random streams, schedule, stopping rule, evaluation
+cadence, recorder, progress and fault injection.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from mpiopt.comm.transport import Channel
+from mpiopt.config import Section, param
+from mpiopt.io.metrics import EvalLog, StepLog
+from mpiopt.optim import SCHEDULES, SGD, make_schedule
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig(Section):
+    """Keys common to every algorithm: the learning rate and its schedule."""
+
+    lr: float = param(0.1, "Base learning rate.", low=0, low_open=True)
+    schedule: str = param("constant", "Learning-rate schedule after warm-up.",
+                          choices=SCHEDULES)
+    warmup_steps: int = param(0, "Steps of linear warm-up from lr/warmup_steps to lr.", low=0)
+    decay_every: int = param(0, "schedule: step multiplies lr by gamma every this many "
+                             "steps (0: never).", low=0)
+    gamma: float = param(0.1, "Decay factor of the step schedule.", low=0, high=1,
+                         low_open=True)
+
+    def build(self, ctx: Context) -> Algorithm:
+        """Return the runtime object of this algorithm for one rank."""
+        raise NotImplementedError
+
+    def make_schedule(self, total_steps: int):
+        """Return ``step -> lr`` for this configuration."""
+        return make_schedule(self.schedule, self.lr, total_steps, self.warmup_steps,
+                             self.decay_every, self.gamma)
+
+
+@dataclass(frozen=True)
+class SGDConfig(AlgorithmConfig):
+    """Keys of the local optimizer: momentum, Nesterov, weight decay."""
+
+    momentum: float = param(0.0, "Heavy-ball momentum of the local optimizer.", low=0,
+                            high=1, high_open=True)
+    nesterov: bool = param(False, "Use Nesterov momentum (needs momentum > 0).")
+    weight_decay: float = param(0.0, "L2 weight decay added to the gradient.", low=0)
+
+    def validate(self) -> None:
+        if self.nesterov and not self.momentum:
+            from mpiopt.errors import ConfigError
+
+            raise ConfigError("needs algorithm.momentum > 0", key="algorithm.nesterov")
+
+    def optimizer(self) -> SGD:
+        """Return the local optimizer these keys describe."""
+        return SGD(self.momentum, self.nesterov, self.weight_decay)
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or gradient became NaN or infinite."""
+
+
+class Context:
+    """Services shared by the algorithms of one run, on one rank.
+
+    Attributes:
+        cfg: the validated configuration.
+        transport: the world transport.
+        problem: this rank's problem (the test set only on rank 0).
+        xp: the array module.
+        rng: this rank's random stream (minibatches, local choices).
+        init_rng: a stream identical on every rank (initial parameters).
+        schedule: ``step -> lr``.
+        steps: the step budget per rank.
+    """
+
+    def __init__(self, cfg, transport, problem, xp, run_dir: str, steplog: StepLog,
+                 faults, progress):
+        self.cfg = cfg
+        self.transport = transport
+        self.rank, self.size = transport.rank, transport.size
+        self.problem = problem
+        self.xp = xp
+        seed = cfg.run.seed
+        self.rng = np.random.default_rng([seed, 1, self.rank])
+        self.init_rng = np.random.default_rng([seed, 0])
+        self.steps = cfg.run.steps
+        self.schedule = cfg.algorithm.make_schedule(self.steps)
+        self.run_dir = run_dir
+        self.steplog = steplog
+        self.evals = EvalLog()
+        self.faults = faults
+        self.progress = progress
+        self.start = time.perf_counter()
+        self.steps_done = 0
+        self.final: dict = {}
+        self._mark = (self.start, 0, 0, 0.0)
+
+    # ------------------------------------------------------------------ steps
+
+    def elapsed(self) -> float:
+        """Return seconds since the run started."""
+        return time.perf_counter() - self.start
+
+    def out_of_time(self) -> bool:
+        """Return True when the run's wall-time budget is spent."""
+        limit = self.cfg.run.time_limit_s
+        return limit is not None and self.elapsed() >= limit
+
+    def begin_step(self, step: int) -> None:
+        """Mark the start of ``step``: fire due faults, stamp timers and counters."""
+        self.transport.step = step
+        self.faults.at_step(step)
+        t = self.transport
+        self._mark = (time.perf_counter(), t.bytes_sent(), t.bytes_recv(), t.comm_seconds())
+
+    def end_step(self, step: int, loss: float, lr: float) -> None:
+        """Record the row of ``step`` and report progress; fail on a non-finite loss."""
+        if not math.isfinite(loss):
+            raise NonFiniteError(f"non-finite loss {loss} on rank {self.rank} at step {step} "
+                                 "(the model diverged or a gradient was NaN)")
+        t = self.transport
+        t0, sent0, recv0, comm0 = self._mark
+        now = time.perf_counter()
+        comm = t.comm_seconds() - comm0
+        sent = t.bytes_sent()
+        self.steplog.append(step, now - self.start, loss, lr, sent - sent0,
+                            t.bytes_recv() - recv0, max(now - t0 - comm, 0.0), comm)
+        self.steps_done = step + 1
+        self.progress.update(step, loss, sent)
+
+    def eval_due(self, step: int) -> bool:
+        """Return True if an evaluation is due after ``step`` (never after the last)."""
+        every = self.cfg.run.eval_every
+        return every > 0 and (step + 1) % every == 0 and step + 1 < self.steps
+
+    def record_eval(self, step: int, metrics: dict) -> None:
+        """Store an evaluation row (rank 0) and show it in the progress line."""
+        row = {"step": step + 1, "time": self.elapsed(),
+               "bytes_sent": float(self.transport.bytes_sent()), **metrics}
+        self.evals.append(row)
+        self.progress.note_eval(metrics)
+
+
+class Algorithm:
+    """Runtime of one algorithm on one rank: owns the loop, reports metrics via the context."""
+
+    def __init__(self, cfg, ctx: Context):
+        self.cfg = cfg
+        self.ctx = ctx
+
+    def run(self) -> None:
+        """Train until the step or time budget is spent, then evaluate the final model(s)."""
+        raise NotImplementedError
+
+    def evaluate(self, step: int) -> dict:
+        """Evaluate the algorithm's model(s); return rank 0's metrics ({} on other ranks)."""
+        raise NotImplementedError
+
+
+class SynchronousAlgorithm(Algorithm):
+    """An algorithm whose ranks all take the same steps: one ``step`` per iteration."""
+
+    def setup(self) -> None:
+        """Allocate buffers and initial parameters (identical on every rank)."""
+        ctx = self.ctx
+        self.x = ctx.problem.init(ctx.init_rng)
+        self.g = ctx.xp.empty_like(self.x)
+        self.opt = self.cfg.optimizer()
+        self.state = self.opt.init(self.x)
+
+    def step(self, step: int, lr: float) -> float:
+        """Do one step; return the local minibatch loss."""
+        raise NotImplementedError
+
+    def local_gradient(self, step: int) -> float:
+        """Compute this rank's minibatch gradient into ``self.g``; return the loss."""
+        loss = self.ctx.problem.gradient(self.x, self.ctx.rng, self.g)["loss"]
+        self.ctx.faults.corrupt(step, self.g)
+        return loss
+
+    def run(self) -> None:
+        ctx = self.ctx
+        self.setup()
+        for step in range(ctx.steps):
+            # Every rank must stop at the same step: rank 0's clock decides.
+            if ctx.cfg.run.time_limit_s is not None and self._agree_out_of_time():
+                break
+            ctx.begin_step(step)
+            lr = ctx.schedule(step)
+            loss = self.step(step, lr)
+            ctx.end_step(step, loss, lr)
+            if ctx.eval_due(step):
+                ctx.record_eval(step, self.evaluate(step))
+        self.finish()
+        ctx.final = self.evaluate(ctx.steps_done - 1)
+        if ctx.rank == 0:
+            ctx.record_eval(ctx.steps_done - 1, ctx.final)
+
+    def finish(self) -> None:
+        """Hook run after the last step, before the final evaluation."""
+
+    def _agree_out_of_time(self) -> bool:
+        flag = np.array([1.0 if self.ctx.out_of_time() else 0.0])
+        self.ctx.transport.bcast(flag, root=0, channel=Channel.CONTROL)
+        return bool(flag[0])
+
+    def evaluate(self, step: int) -> dict:
+        """Evaluate rank 0's model on the test set (rank 0 holds it)."""
+        return self.ctx.problem.evaluate(self.x) if self.ctx.rank == 0 else {}
+
+    def model(self):
+        """Return the parameters to save as the run's final model."""
+        return self.x

@@ -1,0 +1,221 @@
+"""The ``mpiopt`` command: run | bench | report | data | jobs | info.
+
+User mistakes (:class:`~mpiopt.errors.ConfigError`, bad arguments) print one line, once (from
+rank 0), and exit with status 2, without a traceback. Any other exception on any rank prints
+the rank and the error and aborts the whole MPI job, so no rank is left waiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+from mpiopt.errors import ConfigError
+
+
+def _launcher_rank() -> int:
+    """Return this process's rank from the launcher's environment, without starting MPI."""
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
+def _say_error(message: str) -> None:
+    if _launcher_rank() == 0:
+        sys.stderr.write(f"mpiopt: error: {message}\n")
+        sys.stderr.flush()
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, printed once, with status 2."""
+
+    def error(self, message):
+        _say_error(f"{message} (see '{self.prog} --help')")
+        raise SystemExit(2)
+
+
+def cmd_run(args) -> int:
+    from mpiopt import runner
+
+    runner.run(args.config, sets=args.set, steps=args.steps, seed=args.seed, out=args.out,
+               overwrite=args.overwrite, quiet=args.quiet)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from mpiopt.info import collect, render
+
+    facts = collect()
+    if _launcher_rank() == 0:
+        print(render(facts))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from mpiopt.report import make_report
+
+    written = make_report(args.runs, args.out, target=args.target)
+    for path in written:
+        print(path)
+    return 0
+
+
+def cmd_data_describe(args) -> int:
+    from mpiopt.config import load_config
+    from mpiopt.data.describe import describe
+
+    cfg = load_config(args.config, args.set)
+    ranks = args.ranks
+    if ranks is None:
+        from mpiopt.comm.transport import world_size
+
+        ranks = world_size()
+    cfg.data.check_world(ranks)
+    if _launcher_rank() == 0:
+        print(describe(cfg.data, ranks, cfg.run.seed))
+    return 0
+
+
+def cmd_data_convert(args) -> int:
+    from mpiopt.data.convert import convert
+
+    counts = convert(args.format, args.src, args.out, overwrite=args.overwrite)
+    print(f"wrote {args.out}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    if args.what == "kernels":
+        from mpiopt.bench.kernels import run as run_kernels
+
+        run_kernels(args.size, args.threads, args.json)
+        return 0
+    from mpiopt.bench import comm as bench_comm
+    from mpiopt.bench import train as bench_train
+
+    if args.what == "comm":
+        bench_comm.run(args.max_mb, args.repeats, args.json, algorithm=args.algorithm)
+    else:
+        bench_train.run(args.steps, args.repeats, args.json)
+    return 0
+
+
+def cmd_jobs(args) -> int:
+    from mpiopt.jobs import render_slurm, list_jobs
+
+    if args.what == "list":
+        print(list_jobs())
+    else:
+        print(render_slurm(args.config, args.nodes, args.tasks_per_node, args.time,
+                           args.partition), end="")
+    return 0
+
+
+def _run_parser(sub) -> None:
+    p = sub.add_parser("run", help="train with a configuration file (under mpiexec)")
+    p.add_argument("config", help="YAML configuration file")
+    p.add_argument("--out", help="run directory (default runs/<algorithm>-<time>)")
+    p.add_argument("--steps", type=int, help="override run.steps")
+    p.add_argument("--seed", type=int, help="override run.seed")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any key, e.g. --set algorithm.lr=0.05 (repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--quiet", action="store_true", help="no progress lines (batch logs)")
+    p.set_defaults(func=cmd_run)
+
+
+def _data_parser(sub) -> None:
+    p = sub.add_parser("data", help="describe partitions, convert datasets to HDF5")
+    dsub = p.add_subparsers(dest="what", required=True, parser_class=_Parser)
+    d = dsub.add_parser("describe", help="per-rank sample counts and class histograms")
+    d.add_argument("config")
+    d.add_argument("--ranks", type=int, help="world size (default: the MPI job's)")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    d.set_defaults(func=cmd_data_describe)
+    c = dsub.add_parser("convert", help="MNIST/Fashion-MNIST IDX or CIFAR-10 binary to HDF5")
+    c.add_argument("format", choices=("mnist", "cifar10"))
+    c.add_argument("src", help="directory with the original files")
+    c.add_argument("out", help="HDF5 file to write")
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(func=cmd_data_convert)
+
+
+def _bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks against references measured in the same run")
+    p.add_argument("what", choices=("comm", "train", "kernels"))
+    p.add_argument("--max-mb", type=float, default=64.0, help="comm: largest buffer (MB)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repetitions")
+    p.add_argument("--steps", type=int, default=300, help="train: steps per repetition")
+    p.add_argument("--algorithm", default=None, help="comm: also time this algorithm's step")
+    p.add_argument("--size", type=int, default=64 * 2**20, help="kernels: elements")
+    p.add_argument("--threads", type=int, default=None, help="kernels: numba threads")
+    p.add_argument("--json", default=None, help="also write the results as JSON")
+    p.set_defaults(func=cmd_bench)
+
+
+def _jobs_parser(sub) -> None:
+    p = sub.add_parser("jobs", help="example configs and Slurm job scripts")
+    jsub = p.add_subparsers(dest="what", required=True, parser_class=_Parser)
+    jsub.add_parser("list", help="list configs and templates").set_defaults(func=cmd_jobs)
+    s = jsub.add_parser("slurm", help="print a Slurm batch script for a config")
+    s.add_argument("config")
+    s.add_argument("--nodes", type=int, default=2)
+    s.add_argument("--tasks-per-node", type=int, default=4)
+    s.add_argument("--time", default="00:30:00")
+    s.add_argument("--partition", default=None)
+    s.set_defaults(func=cmd_jobs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of the ``mpiopt`` command."""
+    from mpiopt import __version__
+
+    parser = _Parser(prog="mpiopt", description="Communication-efficient distributed SGD "
+                     "over MPI. Launch training under mpiexec/srun.")
+    parser.add_argument("--version", action="version", version=f"mpiopt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _run_parser(sub)
+    _bench_parser(sub)
+    r = sub.add_parser("report", help="plots and a markdown table from run directories")
+    r.add_argument("runs", nargs="+", help="run directories")
+    r.add_argument("--out", default="report", help="output directory (default report/)")
+    r.add_argument("--target", type=float, default=None, help="target test accuracy")
+    r.set_defaults(func=cmd_report)
+    _data_parser(sub)
+    _jobs_parser(sub)
+    sub.add_parser("info", help="versions, MPI library, GPUs, CUDA-aware MPI").set_defaults(
+        func=cmd_info)
+    return parser
+
+
+def _abort_job(exc: BaseException) -> int:
+    """Report an unexpected error with the rank and end every rank of the job."""
+    rank = _launcher_rank()
+    traceback.print_exc()
+    sys.stderr.write(f"mpiopt: rank {rank}: {type(exc).__name__}: {exc}\n")
+    sys.stderr.flush()
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and mpi.COMM_WORLD.Get_size() > 1:
+        mpi.COMM_WORLD.Abort(1)
+    return 1
+
+
+def main(argv=None) -> int:
+    """Run the ``mpiopt`` command line; return the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except ConfigError as exc:
+        _say_error(str(exc))
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # any failure on one rank must end the whole job
+        return _abort_job(exc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

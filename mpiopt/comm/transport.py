@@ -1,0 +1,407 @@
+"""The transport: the one owner of the communicator, the tags and the byte counts.
+
+Every message of mpiopt goes through a :class:`Transport`. It wraps a duplicated
+communicator, names each kind of traffic with a :class:`Channel` (also its MPI tag), counts the
+bytes each channel sends and receives and the seconds spent inside MPI, and makes GPU buffers
+safe: the current CUDA stream is synchronised before any MPI call and, when MPI is not
+CUDA-aware, device buffers are staged through host memory.
+
+Blocking collectives run at full speed; a watchdog thread enforces their deadline and aborts the
+job with a message naming the operation, the peer, the channel and the step. Nonblocking
+operations return a :class:`Handle` whose ``wait`` polls with backoff until its deadline and
+then raises :class:`CommTimeout`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from mpi4py import MPI
+
+DEFAULT_TIMEOUT_S = 300.0
+SPIN_S = 0.05  # poll without sleeping this long: most messages complete within it
+
+
+class Channel(enum.IntEnum):
+    """Kinds of traffic; the value is the MPI tag used for point-to-point messages."""
+
+    CONTROL = 1
+    GRADIENT = 2
+    MODEL = 3
+    VOTE = 4
+    GOSSIP = 5
+    EVAL = 6  # evaluation of the model(s): instrumentation, not counted as algorithm bytes
+    BENCH = 7
+
+
+class CommTimeout(RuntimeError):
+    """A communication did not complete before its deadline."""
+
+
+@dataclass
+class ChannelStats:
+    """Counters of one channel: bytes by direction and seconds inside MPI."""
+
+    sent: int = 0
+    recv: int = 0
+    seconds: float = 0.0
+
+
+def _nbytes(buf) -> int:
+    return int(buf.nbytes) if buf is not None else 0
+
+
+def _is_device(buf) -> bool:
+    return type(buf).__module__.startswith("cupy")
+
+
+class _Watchdog:
+    """Abort the job when a blocking MPI call outlives its deadline."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.current: tuple[float, str] | None = None
+        self._thread: threading.Thread | None = None
+
+    def arm(self, deadline: float, what: str) -> None:
+        self.current = (deadline, what)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._watch, daemon=True,
+                                            name="mpiopt-watchdog")
+            self._thread.start()
+
+    def disarm(self) -> None:
+        self.current = None
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(0.25)
+            current = self.current
+            if current is not None and time.monotonic() > current[0]:
+                sys.stderr.write(f"mpiopt: rank {self.rank}: {current[1]}; aborting the job\n")
+                sys.stderr.flush()
+                MPI.COMM_WORLD.Abort(3)
+
+
+class Handle:
+    """A pending nonblocking operation with a deadline.
+
+    ``wait`` polls the request, first in a tight loop (which also drives MPI progress on large
+    messages), then with
+    growing sleeps so that an idle rank does not burn a core, and raises :class:`CommTimeout`
+    naming the peer, the channel and the step when the deadline passes.
+    """
+
+    def __init__(self, transport: Transport, request, what: str, peer, channel: Channel,
+                 finish=None):
+        self.transport = transport
+        self.request = request
+        self.what = what
+        self.peer = peer
+        self.channel = channel
+        self.step = transport.step
+        self._finish = finish
+        self.done = False
+
+    def test(self) -> bool:
+        """Return True if the operation has completed (finishing it if so)."""
+        if not self.done and self.request.Test():
+            self._complete()
+        return self.done
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until completion or raise CommTimeout after ``timeout`` seconds."""
+        if self.done:
+            return
+        t0 = time.perf_counter()
+        limit = self.transport.timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        spin_until, sleep = time.monotonic() + SPIN_S, 1e-5
+        while not self.request.Test():
+            now = time.monotonic()
+            if now > spin_until:
+                if now > deadline:
+                    raise CommTimeout(self.describe(f"timed out after {limit:g} s"))
+                time.sleep(sleep)
+                sleep = min(sleep * 2, 2e-3)
+        self.transport._charge(self.channel, 0, 0, time.perf_counter() - t0)
+        self._complete()
+
+    def _complete(self) -> None:
+        self.done = True
+        if self._finish is not None:
+            self._finish()
+
+    def cancel(self) -> None:
+        """Cancel the operation if it has not completed (used by stop protocols)."""
+        if not self.done:
+            self.request.Cancel()
+            self.request.Wait()
+            self.done = True
+
+    def describe(self, problem: str) -> str:
+        return (f"{self.what} {problem} (peer {self.peer}, tag {self.channel.name}, "
+                f"step {self.step})")
+
+
+def wait_all(handles, timeout: float | None = None) -> None:
+    """Wait for every handle, each under the same overall deadline."""
+    if not handles:
+        return
+    limit = handles[0].transport.timeout if timeout is None else timeout
+    deadline = time.monotonic() + limit
+    for h in handles:
+        h.wait(max(deadline - time.monotonic(), 0.0))
+
+
+class Transport:
+    """Duplicated communicator with channels, byte accounting, deadlines and GPU staging.
+
+    Args:
+        comm: the communicator to duplicate (default ``COMM_WORLD``).
+        timeout: deadline in seconds of any single wait.
+        cuda_aware: whether MPI takes device buffers directly; ``None`` decides by a real probe
+            the first time a device buffer is seen.
+    """
+
+    def __init__(self, comm=None, timeout: float = DEFAULT_TIMEOUT_S,
+                 cuda_aware: bool | None = None, _dup: bool = True):
+        base = MPI.COMM_WORLD if comm is None else comm
+        self.comm = base.Dup() if _dup else base
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        self.timeout = float(timeout)
+        self.cuda_aware = cuda_aware
+        self.step = -1
+        self.stats = {c: ChannelStats() for c in Channel}
+        self._watchdog = _Watchdog(MPI.COMM_WORLD.Get_rank())
+        self._staging: dict = {}
+
+    # ----------------------------------------------------------------- accounting
+
+    def _charge(self, channel: Channel, sent: int, recv: int, seconds: float) -> None:
+        s = self.stats[channel]
+        s.sent += sent
+        s.recv += recv
+        s.seconds += seconds
+
+    def bytes_sent(self) -> int:
+        """Return the bytes the algorithm sent so far (every channel but EVAL)."""
+        return sum(s.sent for c, s in self.stats.items() if c is not Channel.EVAL)
+
+    def bytes_recv(self) -> int:
+        """Return the bytes the algorithm received so far (every channel but EVAL)."""
+        return sum(s.recv for c, s in self.stats.items() if c is not Channel.EVAL)
+
+    def comm_seconds(self) -> float:
+        """Return the seconds spent inside MPI calls so far."""
+        return sum(s.seconds for s in self.stats.values())
+
+    def reset_stats(self) -> None:
+        """Zero every channel's counters."""
+        self.stats = {c: ChannelStats() for c in Channel}
+
+    # ----------------------------------------------------------------- GPU safety
+
+    def _host(self, buf):
+        """Return an MPI-safe view of ``buf``: host staging for device memory if needed."""
+        if buf is None or not _is_device(buf):
+            return buf
+        from mpiopt import backend
+
+        backend.synchronize(buf)
+        if self.cuda_aware is None:
+            self.cuda_aware = backend.cuda_aware_mpi()
+        if self.cuda_aware:
+            return buf
+        key = (buf.data.ptr, buf.nbytes)
+        host = self._staging.get(key)
+        if host is None:
+            host = backend.pinned_empty(buf.shape, buf.dtype)
+            self._staging[key] = host
+        buf.get(out=host)
+        return host
+
+    @staticmethod
+    def _back(buf, host) -> None:
+        """Copy a staged host result back into the device buffer it stands for."""
+        if host is not buf and host is not None:
+            buf.set(host)
+
+    @contextlib.contextmanager
+    def _guarded(self, what: str, peer, channel: Channel, sent: int, recv: int):
+        t0 = time.perf_counter()
+        self._watchdog.arm(time.monotonic() + self.timeout,
+                           f"{what} timed out after {self.timeout:g} s (peer {peer}, "
+                           f"tag {channel.name}, step {self.step})")
+        try:
+            yield
+        finally:
+            self._watchdog.disarm()
+            self._charge(channel, sent, recv, time.perf_counter() - t0)
+
+    # ----------------------------------------------------------------- collectives
+
+    def allreduce(self, buf, channel: Channel = Channel.GRADIENT, op: str = "sum"):
+        """Reduce ``buf`` over all ranks in place and return it.
+
+        Bytes are counted as a bandwidth-optimal ring (reduce-scatter plus allgather) moves
+        them: ``2 (n-1)/n`` times the buffer, each way.
+        """
+        n = self.size
+        moved = int(2 * (n - 1) * _nbytes(buf) / n)
+        host = self._host(buf)
+        with self._guarded("allreduce", "all", channel, moved, moved):
+            self.comm.Allreduce(MPI.IN_PLACE, host, op=_OPS[op])
+        self._back(buf, host)
+        return buf
+
+    def bcast(self, buf, root: int = 0, channel: Channel = Channel.MODEL):
+        """Broadcast ``buf`` from ``root`` in place; the root counts the buffer once sent."""
+        nb = _nbytes(buf)
+        sent, recv = (nb, 0) if self.rank == root else (0, nb)
+        host = self._host(buf)
+        with self._guarded("bcast", f"root {root}", channel, sent if self.size > 1 else 0,
+                           recv):
+            self.comm.Bcast(host, root=root)
+        self._back(buf, host)
+        return buf
+
+    def allgather(self, sendbuf, recvbuf, channel: Channel = Channel.MODEL):
+        """Gather every rank's ``sendbuf`` into ``recvbuf`` (rank-major) on all ranks."""
+        nb = _nbytes(sendbuf) * (self.size - 1)
+        s, r = self._host(sendbuf), self._host(recvbuf)
+        with self._guarded("allgather", "all", channel, nb, nb):
+            self.comm.Allgather(s, r)
+        self._back(recvbuf, r)
+        return recvbuf
+
+    def alltoall(self, sendbuf, recvbuf, channel: Channel = Channel.VOTE):
+        """Send block ``j`` of ``sendbuf`` to rank ``j``; receive rank ``i``'s into block i."""
+        nb = _nbytes(sendbuf) * (self.size - 1) // max(self.size, 1)
+        s, r = self._host(sendbuf), self._host(recvbuf)
+        with self._guarded("alltoall", "all", channel, nb, nb):
+            self.comm.Alltoall(s, r)
+        self._back(recvbuf, r)
+        return recvbuf
+
+    def gather(self, sendbuf, recvbuf, root: int = 0, channel: Channel = Channel.GRADIENT):
+        """Gather ``sendbuf`` of every rank into ``recvbuf`` at ``root``."""
+        nb = _nbytes(sendbuf)
+        root_recv = nb * (self.size - 1) if self.rank == root else 0
+        sent = 0 if self.rank == root else nb
+        s = self._host(sendbuf)
+        r = self._host(recvbuf) if self.rank == root else None
+        with self._guarded("gather", f"root {root}", channel, sent, root_recv):
+            self.comm.Gather(s, r, root=root)
+        if self.rank == root:
+            self._back(recvbuf, r)
+        return recvbuf
+
+    def barrier(self, channel: Channel = Channel.CONTROL) -> None:
+        """Wait for every rank (under the deadline)."""
+        with self._guarded("barrier", "all", channel, 0, 0):
+            self.comm.Barrier()
+
+    def allreduce_scalar(self, value: float, op: str = "sum",
+                         channel: Channel = Channel.CONTROL) -> float:
+        """Reduce one float over all ranks."""
+        buf = np.array([value], dtype=np.float64)
+        self.allreduce(buf, channel=channel, op=op)
+        return float(buf[0])
+
+    def allgather_obj(self, obj, channel: Channel = Channel.CONTROL) -> list:
+        """Gather a small picklable object from every rank (control traffic)."""
+        with self._guarded("allgather_obj", "all", channel, 0, 0):
+            return self.comm.allgather(obj)
+
+    def bcast_obj(self, obj, root: int = 0, channel: Channel = Channel.CONTROL):
+        """Broadcast a small picklable object from ``root`` (control traffic)."""
+        with self._guarded("bcast_obj", f"root {root}", channel, 0, 0):
+            return self.comm.bcast(obj, root=root)
+
+    # ----------------------------------------------------------------- point to point
+
+    def isend(self, buf, dest: int, channel: Channel) -> Handle:
+        """Start sending ``buf`` to ``dest`` on ``channel``; return its handle."""
+        host = self._host(buf)
+        req = self.comm.Isend(host, dest=dest, tag=int(channel))
+        self._charge(channel, _nbytes(buf), 0, 0.0)
+        return Handle(self, req, "send", dest, channel)
+
+    def irecv(self, buf, source: int, channel: Channel) -> Handle:
+        """Start receiving into ``buf`` from ``source`` on ``channel``; return its handle."""
+        host = self._host(buf)
+        req = self.comm.Irecv(host, source=source, tag=int(channel))
+        self._charge(channel, 0, _nbytes(buf), 0.0)
+        return Handle(self, req, "receive", source, channel,
+                      finish=lambda: self._back(buf, host))
+
+    def sendrecv(self, sendbuf, dest: int, recvbuf, source: int, channel: Channel) -> None:
+        """Exchange buffers with two peers (possibly the same) under the deadline."""
+        handles = [self.irecv(recvbuf, source, channel), self.isend(sendbuf, dest, channel)]
+        wait_all(handles)
+
+    # ----------------------------------------------------------------- structure
+
+    def split(self, color: int, key: int | None = None) -> Transport:
+        """Return a transport over the ranks of the same ``color``."""
+        sub = self.comm.Split(color, self.rank if key is None else key)
+        return Transport(sub, self.timeout, self.cuda_aware, _dup=False)
+
+    def split_shared(self) -> Transport:
+        """Return a transport over the ranks that share this node's memory."""
+        sub = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        return Transport(sub, self.timeout, self.cuda_aware, _dup=False)
+
+    def free(self) -> None:
+        """Release the duplicated communicator."""
+        if self.comm != MPI.COMM_NULL and self.comm != MPI.COMM_WORLD:
+            self.comm.Free()
+
+
+_OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "prod": MPI.PROD,
+        "lor": MPI.LOR, "land": MPI.LAND, "bor": MPI.BOR}
+
+
+def raw_allreduce(transport: Transport, buf) -> None:
+    """Sum ``buf`` in place with a bare mpi4py ``Allreduce`` (the benchmarks' reference)."""
+    transport.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+
+
+def world_rank() -> int:
+    """Return the rank of this process in COMM_WORLD."""
+    return MPI.COMM_WORLD.Get_rank()
+
+
+def world_size() -> int:
+    """Return the number of processes in COMM_WORLD."""
+    return MPI.COMM_WORLD.Get_size()
+
+
+def abort(code: int = 1) -> None:
+    """Abort every rank of the job (used when one rank fails)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    MPI.COMM_WORLD.Abort(code)
+
+
+def mpi_info() -> dict:
+    """Return facts about the MPI library: name, version, thread level, world size."""
+    levels = {MPI.THREAD_SINGLE: "single", MPI.THREAD_FUNNELED: "funneled",
+              MPI.THREAD_SERIALIZED: "serialized", MPI.THREAD_MULTIPLE: "multiple"}
+    return {
+        "library": MPI.Get_library_version().strip().splitlines()[0],
+        "standard": "{}.{}".format(*MPI.Get_version()),
+        "thread_level": levels.get(MPI.Query_thread(), str(MPI.Query_thread())),
+        "world_size": MPI.COMM_WORLD.Get_size(),
+        "processor": MPI.Get_processor_name(),
+        "async_progress": os.environ.get("MPIR_CVAR_ASYNC_PROGRESS", "0") == "1",
+    }

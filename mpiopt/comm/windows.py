@@ -1,0 +1,143 @@
+"""One-sided windows: RMA windows over ``Win.Allocate`` and node-local shared memory.
+
+MPICH progresses passive-target RMA only while the target rank is inside MPI: a ``Get`` from a
+rank that computes without calling MPI waits for it. Asynchronous algorithms therefore either
+read node-local peers through :class:`SharedWindow` (plain loads from shared memory, no progress
+needed), or run with asynchronous progress (``MPIR_CVAR_ASYNC_PROGRESS=1``), or call
+:meth:`Window.progress` from their loops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+from mpiopt.comm.transport import Channel, Transport
+
+_LOCKS = {"exclusive": MPI.LOCK_EXCLUSIVE, "shared": MPI.LOCK_SHARED}
+_OPS = {"sum": MPI.SUM, "replace": MPI.REPLACE, "max": MPI.MAX, "min": MPI.MIN}
+
+
+class Window:
+    """An RMA window of ``count`` elements of ``dtype`` on every rank of a transport.
+
+    Args:
+        transport: the transport whose communicator the window spans.
+        count: elements exposed by each rank.
+        dtype: element type (numpy dtype).
+        channel: the channel that RMA bytes are counted on.
+    """
+
+    def __init__(self, transport: Transport, count: int, dtype=np.float32,
+                 channel: Channel = Channel.MODEL):
+        self.transport = transport
+        self.dtype = np.dtype(dtype)
+        self.count = int(count)
+        self.channel = channel
+        self.win = MPI.Win.Allocate(max(self.count, 1) * self.dtype.itemsize,
+                                    self.dtype.itemsize, comm=transport.comm)
+        self.local = np.frombuffer(self.win.tomemory(), dtype=self.dtype)[: self.count]
+        self.local[:] = 0
+        self._mpi_type = MPI._typedict[self.dtype.char]
+        transport.barrier()
+
+    @contextlib.contextmanager
+    def locked(self, rank: int, mode: str = "shared"):
+        """Hold a passive-target lock on ``rank``'s window (``shared`` or ``exclusive``)."""
+        t0 = time.perf_counter()
+        self.win.Lock(rank, _LOCKS[mode])
+        try:
+            yield self
+        finally:
+            self.win.Unlock(rank)
+            self.transport._charge(self.channel, 0, 0, time.perf_counter() - t0)
+
+    def get(self, out: np.ndarray, rank: int, offset: int = 0) -> np.ndarray:
+        """Read ``out.size`` elements of ``rank``'s window from ``offset`` (inside a lock)."""
+        self.win.Get(out, rank, target=(offset, out.size, self._mpi_type))
+        self.transport._charge(self.channel, 0, out.nbytes, 0.0)
+        return out
+
+    def put(self, buf: np.ndarray, rank: int, offset: int = 0) -> None:
+        """Write ``buf`` into ``rank``'s window at ``offset`` (inside a lock)."""
+        self.win.Put(buf, rank, target=(offset, buf.size, self._mpi_type))
+        self.transport._charge(self.channel, buf.nbytes, 0, 0.0)
+
+    def accumulate(self, buf: np.ndarray, rank: int, offset: int = 0, op: str = "sum") -> None:
+        """Combine ``buf`` into ``rank``'s window element-wise with ``op`` (atomic per element)."""
+        self.win.Accumulate(buf, rank, target=(offset, buf.size, self._mpi_type), op=_OPS[op])
+        self.transport._charge(self.channel, buf.nbytes, 0, 0.0)
+
+    def fetch_and_add(self, value, rank: int, offset: int = 0):
+        """Atomically add ``value`` to one element of ``rank``'s window; return the old value."""
+        origin = np.array([value], dtype=self.dtype)
+        result = np.empty(1, dtype=self.dtype)
+        self.win.Fetch_and_op(origin, result, rank, offset * 1, op=MPI.SUM)
+        return result[0]
+
+    def flush(self, rank: int) -> None:
+        """Complete every RMA operation issued to ``rank`` in the current lock epoch."""
+        self.win.Flush(rank)
+
+    def sync(self) -> None:
+        """Synchronise the public and private copies of the local window memory."""
+        self.win.Sync()
+
+    def progress(self) -> None:
+        """Enter MPI briefly so that pending passive-target operations on us progress."""
+        MPI.Request.Testall([])
+        self.transport.comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG)
+
+    def free(self) -> None:
+        """Release the window (collective over the transport's ranks)."""
+        if self.win != MPI.WIN_NULL:
+            self.local = None
+            self.win.Free()
+
+
+class SharedWindow:
+    """Node-local shared memory: every rank of a node sees every segment as a numpy array.
+
+    Built with ``Win.Allocate_shared`` on the transport's node communicator (ranks that share
+    memory). Reads and writes are plain loads and stores: no MPI progress is involved, which is
+    what lock-free (Hogwild) updates and reads of a busy peer need.
+
+    Args:
+        transport: a transport over the ranks of one node (see ``Transport.split_shared``).
+        count: elements of the segment this rank contributes (0 for none).
+        dtype: element type.
+    """
+
+    def __init__(self, transport: Transport, count: int, dtype=np.float32):
+        self.transport = transport
+        self.dtype = np.dtype(dtype)
+        self.win = MPI.Win.Allocate_shared(int(count) * self.dtype.itemsize,
+                                           self.dtype.itemsize, comm=transport.comm)
+        self.counts = transport.comm.allgather(int(count))
+        self._views = [self._segment(r) for r in range(transport.size)]
+        self.local = self._views[transport.rank]
+        transport.barrier()
+
+    def _segment(self, rank: int) -> np.ndarray:
+        mem, itemsize = self.win.Shared_query(rank)
+        arr = np.frombuffer(mem, dtype=self.dtype)
+        return arr[: self.counts[rank]]
+
+    def view(self, rank: int) -> np.ndarray:
+        """Return the numpy array over ``rank``'s segment (shared memory, no copy)."""
+        return self._views[rank]
+
+    def fence(self) -> None:
+        """Make stores visible to the other ranks of the node and wait for them."""
+        self.win.Sync()
+        self.transport.barrier()
+
+    def free(self) -> None:
+        """Release the shared memory (collective over the node's ranks)."""
+        if self.win != MPI.WIN_NULL:
+            self._views = []
+            self.local = None
+            self.win.Free()

@@ -1,0 +1,135 @@
+"""The metrics recorder: per-rank step series and evaluations into ``metrics.h5``.
+
+Each rank buffers one row per local step in a preallocated chunk and appends full chunks to its
+own HDF5 file (``.ranks/rank<r>.h5`` in the run directory), so memory stays flat over any run
+length and no rank ever waits for another to record. At the end rank 0 merges the per-rank
+files and its evaluations into ``metrics.h5``:
+
+- root attributes ``algorithm``, ``problem``, ``dataset``, ``world_size``, ``config`` (YAML);
+- ``ranks/<r>/{step, time, loss, lr, bytes_sent, bytes_recv, compute_s, comm_s}``, one row
+  per local step of rank r (bytes and seconds of that step);
+- ``eval/{step, time, bytes_sent, loss, accuracy, ...}``, one row per evaluation, where
+  ``bytes_sent`` is the cumulative bytes sent per rank so far and further columns are the
+  algorithm's own (``consensus_distance``, ``avg_accuracy``, ...).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import h5py
+import numpy as np
+
+STEP_FIELDS = [("step", np.int64), ("time", np.float64), ("loss", np.float32),
+               ("lr", np.float32), ("bytes_sent", np.int64), ("bytes_recv", np.int64),
+               ("compute_s", np.float64), ("comm_s", np.float64)]
+STEP_DTYPE = np.dtype(STEP_FIELDS)
+
+
+class StepLog:
+    """A per-rank, chunked, append-only table of step rows backed by an HDF5 file.
+
+    Args:
+        path: the rank's own HDF5 file.
+        chunk: rows buffered in memory before they are appended to the file.
+    """
+
+    def __init__(self, path: str, chunk: int = 4096):
+        self.path = path
+        self.buffer = np.zeros(chunk, dtype=STEP_DTYPE)
+        self.fill = 0
+        self.rows = 0
+        self.file = h5py.File(path, "w")
+        for name, dtype in STEP_FIELDS:
+            self.file.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype,
+                                     chunks=(min(chunk, 65536),))
+
+    def append(self, step, time, loss, lr, bytes_sent, bytes_recv, compute_s, comm_s) -> None:
+        """Record one step; flushes to the file when the buffer is full."""
+        self.buffer[self.fill] = (step, time, loss, lr, bytes_sent, bytes_recv, compute_s,
+                                  comm_s)
+        self.fill += 1
+        if self.fill == len(self.buffer):
+            self.flush()
+
+    def flush(self) -> None:
+        """Append the buffered rows to the file."""
+        if not self.fill:
+            return
+        new = self.rows + self.fill
+        for name, _ in STEP_FIELDS:
+            ds = self.file[name]
+            ds.resize((new,))
+            ds[self.rows:new] = self.buffer[name][: self.fill]
+        self.rows, self.fill = new, 0
+        self.file.flush()
+
+    def close(self) -> None:
+        """Flush and close the file."""
+        if self.file is not None:
+            self.flush()
+            self.file.close()
+            self.file = None
+
+
+class EvalLog:
+    """Evaluation rows (few: one per evaluation), with the columns the algorithm reports."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def append(self, row: dict) -> None:
+        """Record one evaluation (``step``, ``time``, ``bytes_sent`` and metrics)."""
+        self.rows.append(dict(row))
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """Return each column as an array (missing values as NaN)."""
+        names: list[str] = []
+        for row in self.rows:
+            names += [k for k in row if k not in names]
+        out = {}
+        for name in names:
+            dtype = np.int64 if name == "step" else np.float64
+            fill = -1 if name == "step" else np.nan
+            out[name] = np.array([r.get(name, fill) for r in self.rows], dtype=dtype)
+        return out
+
+
+def rank_log_path(run_dir: str, rank: int) -> str:
+    """Return where rank ``rank`` keeps its step log during the run."""
+    return os.path.join(run_dir, ".ranks", f"rank{rank}.h5")
+
+
+def merge(run_dir: str, world_size: int, evals: EvalLog, attrs: dict) -> str:
+    """Write ``metrics.h5`` from the per-rank logs and the evaluations (rank 0, at the end).
+
+    The file is written under a temporary name and renamed, so a reader never sees half of
+    it; the per-rank logs are removed afterwards.
+    """
+    final = os.path.join(run_dir, "metrics.h5")
+    tmp = final + ".tmp"
+    with h5py.File(tmp, "w") as out:
+        for key, value in attrs.items():
+            out.attrs[key] = value
+        ranks = out.create_group("ranks")
+        for r in range(world_size):
+            with h5py.File(rank_log_path(run_dir, r), "r") as src:
+                group = ranks.create_group(str(r))
+                for name, _ in STEP_FIELDS:
+                    src.copy(src[name], group, name=name)
+        ev = out.create_group("eval")
+        for name, column in evals.columns().items():
+            ev.create_dataset(name, data=column)
+    os.replace(tmp, final)
+    shutil.rmtree(os.path.join(run_dir, ".ranks"), ignore_errors=True)
+    return final
+
+
+def read_metrics(path: str) -> dict:
+    """Read ``metrics.h5`` into ``{"attrs": ..., "ranks": [...], "eval": {...}}``."""
+    with h5py.File(path, "r") as f:
+        ranks = [{k: f["ranks"][str(r)][k][()] for k in f["ranks"][str(r)]}
+                 for r in range(len(f["ranks"]))]
+        return {"attrs": dict(f.attrs), "ranks": ranks,
+                "eval": {k: f["eval"][k][()] for k in f["eval"]}}

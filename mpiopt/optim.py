@@ -1,0 +1,98 @@
+"""Local update rules and learning-rate schedules.
+
+An optimizer is a pair in the optax style: ``init(x) -> state`` and
+``apply(x, g, state, lr) -> state``, with state a NamedTuple of plain arrays allocated once.
+``apply`` updates ``x`` in place and may use ``g`` as scratch, so the hot loop allocates
+nothing of model size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
+
+from mpiopt.backend import array_module
+
+SCHEDULES = ("constant", "step", "cosine")
+
+
+def make_schedule(kind: str, lr: float, total_steps: int, warmup_steps: int = 0,
+                  decay_every: int = 0, gamma: float = 0.1,
+                  min_lr: float = 0.0) -> Callable[[int], float]:
+    """Return ``step -> learning rate``: a base schedule after a linear warm-up.
+
+    Args:
+        kind: ``constant``, ``step`` (multiply by ``gamma`` every ``decay_every`` steps) or
+            ``cosine`` (from ``lr`` down to ``min_lr`` at ``total_steps``).
+        lr: the base learning rate.
+        total_steps: the length of the run (for ``cosine``).
+        warmup_steps: steps of linear warm-up from ``lr / warmup_steps`` to ``lr``.
+        decay_every: the period of ``step`` decay.
+        gamma: the factor of ``step`` decay.
+        min_lr: the floor of ``cosine``.
+    """
+    if kind not in SCHEDULES:
+        raise ValueError(f"unknown schedule {kind!r}; valid: {', '.join(SCHEDULES)}")
+
+    def base(step: int) -> float:
+        if kind == "step" and decay_every > 0:
+            return lr * gamma ** (step // decay_every)
+        if kind == "cosine":
+            t = min(max(step - warmup_steps, 0) / max(total_steps - warmup_steps, 1), 1.0)
+            return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * t))
+        return lr
+
+    def schedule(step: int) -> float:
+        if step < warmup_steps:
+            return lr * (step + 1) / warmup_steps
+        return base(step)
+
+    return schedule
+
+
+class SGDState(NamedTuple):
+    """Momentum buffer (None without momentum) and one scratch vector."""
+
+    momentum: Any
+    scratch: Any
+
+
+@dataclass(frozen=True)
+class SGD:
+    """SGD with optional heavy-ball or Nesterov momentum and L2 weight decay.
+
+    ``d = g + wd x``; ``m = mu m + d``; the step is ``m`` (heavy ball) or ``d + mu m``
+    (Nesterov); ``x = x - lr * step``.
+    """
+
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+
+    def init(self, x) -> SGDState:
+        """Allocate the optimizer's buffers for parameters like ``x``."""
+        xp = array_module(x)
+        buf = xp.zeros_like(x) if self.momentum else None
+        return SGDState(buf, xp.empty_like(x))
+
+    def apply(self, x, g, state: SGDState, lr: float) -> SGDState:
+        """Update ``x`` in place with gradient ``g`` (``g`` is overwritten)."""
+        xp = array_module(x)
+        scratch = state.scratch
+        if self.weight_decay:
+            xp.multiply(x, self.weight_decay, out=scratch)
+            g += scratch
+        direction = g
+        if self.momentum:
+            m = state.momentum
+            m *= self.momentum
+            m += g
+            direction = m
+            if self.nesterov:
+                xp.multiply(m, self.momentum, out=scratch)
+                g += scratch
+                direction = g
+        xp.multiply(direction, lr, out=scratch)
+        x -= scratch
+        return state

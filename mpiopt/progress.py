@@ -1,0 +1,44 @@
+"""Progress lines on rank 0: step, loss, accuracy, steps/s, MB sent, ETA."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+class Progress:
+    """Prints a progress line at most every ``every_s`` seconds (rank 0, not quiet).
+
+    The first line appears only after ``every_s`` seconds, so short runs stay silent.
+    """
+
+    def __init__(self, total_steps: int, every_s: float = 2.0, enabled: bool = True,
+                 stream=None):
+        self.total = total_steps
+        self.every = every_s
+        self.enabled = enabled
+        self.stream = stream or sys.stdout
+        self.start = time.perf_counter()
+        self.last = self.start
+        self.accuracy: float | None = None
+
+    def note_eval(self, metrics: dict) -> None:
+        """Remember the latest evaluation for the next line."""
+        self.accuracy = metrics.get("accuracy", self.accuracy)
+
+    def update(self, step: int, loss: float, bytes_sent: int) -> None:
+        """Print a line if the interval has passed since the last one."""
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if now - self.last < self.every:
+            return
+        self.last = now
+        done = step + 1
+        rate = done / max(now - self.start, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        acc = "" if self.accuracy is None else f" | acc {self.accuracy:.4f}"
+        self.stream.write(
+            f"step {done}/{self.total} ({100 * done / self.total:.0f}%) | loss {loss:.4f}{acc}"
+            f" | {rate:.1f} steps/s | {bytes_sent / 1e6:.1f} MB sent | ETA {eta:.0f}s\n")
+        self.stream.flush()

@@ -1,0 +1,515 @@
+"""Plots and tables from run directories (``mpiopt report``).
+
+A run directory is what ``mpiopt run`` writes: ``summary.json``, ``metrics.h5`` and
+``config.yaml``. :func:`load_run` reads one into a :class:`Run`; :func:`make_report` compares
+several and writes ``loss.png``, ``accuracy.png`` (test metrics against steps, wall time and MB
+sent per rank), ``training_loss.png`` (the smoothed minibatch loss, mean over ranks) and
+``report.md`` (one table row per run). Runs are labelled by algorithm and by the configuration
+keys whose values differ between the compared runs. MB means 10**6 bytes throughout.
+
+matplotlib is imported only when plots are drawn, and only its object-oriented API is used (no
+pyplot), so that importing this module stays cheap and no global figure state is created.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mpiopt.errors import ConfigError
+
+MB = 1e6
+SUMMARY_REQUIRED = ("algorithm", "world_size", "steps", "wall_time_s", "final")
+# Keys that never distinguish two runs in a label: the algorithm is the label's head, and these
+# run settings change where or how the run is reported, not what it computes.
+LABEL_IGNORED = frozenset({
+    "algorithm.name", "run.out", "run.overwrite", "run.quiet", "run.progress_every_s",
+    "run.metrics_chunk", "run.comm_timeout_s", "run.target_accuracy",
+})
+PANELS = (("step", "step"), ("time", "wall time (s)"), ("bytes_sent", "MB sent per rank"))
+
+
+@dataclass
+class Run:
+    """One run directory, read into memory.
+
+    Attributes:
+        path: The run directory as given.
+        summary: The parsed ``summary.json``.
+        eval: Columns of the ``eval`` group of ``metrics.h5`` by name (empty if none).
+        ranks: Per-rank columns of the ``ranks/<r>`` groups: ``ranks[r][name]``.
+        label: The name of the run in plots and tables.
+    """
+
+    path: str
+    summary: dict
+    eval: dict[str, np.ndarray] = field(default_factory=dict)
+    ranks: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+    label: str = ""
+
+    @property
+    def algorithm(self) -> str:
+        """Return the algorithm name from the summary."""
+        return str(self.summary["algorithm"])
+
+    @property
+    def world_size(self) -> int:
+        """Return the number of ranks of the run."""
+        return int(self.summary["world_size"])
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_run(path: str | os.PathLike) -> Run:
+    """Read a run directory.
+
+    Args:
+        path: A directory written by ``mpiopt run``.
+
+    Returns:
+        The run, labelled ``"<algorithm> <world_size> ranks"``.
+
+    Raises:
+        ConfigError: The directory, ``summary.json`` or ``metrics.h5`` is missing or unreadable.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise ConfigError(f"run directory not found: {path}")
+    summary = _read_summary(path)
+    evals, ranks = _read_metrics(path)
+    run = Run(path=path, summary=summary, eval=evals, ranks=ranks)
+    run.label = f"{run.algorithm} {run.world_size} ranks"
+    return run
+
+
+def _read_summary(path: str) -> dict:
+    """Read and check ``summary.json`` of the run directory ``path``."""
+    file = os.path.join(path, "summary.json")
+    try:
+        with open(file, encoding="utf-8") as fh:
+            summary = json.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: summary.json is missing (not a run directory, "
+                          "or the run did not finish)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"{file}: corrupt summary.json ({exc})") from None
+    if not isinstance(summary, dict):
+        raise ConfigError(f"{file}: corrupt summary.json (not a JSON object)")
+    missing = [key for key in SUMMARY_REQUIRED if key not in summary]
+    if missing:
+        raise ConfigError(f"{file}: summary.json lacks {', '.join(missing)}")
+    if not isinstance(summary["final"], dict):
+        raise ConfigError(f"{file}: corrupt summary.json ('final' is not an object)")
+    for key in ("world_size", "steps"):
+        if not isinstance(summary[key], int) or isinstance(summary[key], bool):
+            raise ConfigError(f"{file}: corrupt summary.json ({key!r} is not an integer)")
+    return summary
+
+
+def _read_metrics(path: str) -> tuple[dict, dict]:
+    """Read the ``eval`` and ``ranks/<r>`` groups of ``metrics.h5`` in ``path``."""
+    import h5py
+
+    file = os.path.join(path, "metrics.h5")
+    if not os.path.isfile(file):
+        raise ConfigError(f"{path}: metrics.h5 is missing")
+    try:
+        with h5py.File(file, "r") as h5:
+            evals = _read_group(h5["eval"], file) if "eval" in h5 else {}
+            ranks = {}
+            for name, group in (h5["ranks"].items() if "ranks" in h5 else ()):
+                if not name.isdigit():
+                    raise ConfigError(f"{file}: corrupt metrics.h5 (group ranks/{name})")
+                ranks[int(name)] = _read_group(group, file)
+    except (OSError, KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{file}: corrupt metrics.h5 ({exc})") from None
+    return evals, dict(sorted(ranks.items()))
+
+
+def _read_group(group: Any, file: str) -> dict[str, np.ndarray]:
+    """Return the 1-D datasets of an HDF5 group, checked to have equal lengths."""
+    columns = {}
+    for name, obj in group.items():
+        if getattr(obj, "ndim", None) == 1:
+            columns[name] = np.asarray(obj[()])
+    if len({len(col) for col in columns.values()}) > 1:
+        raise ConfigError(f"{file}: corrupt metrics.h5 (columns of {group.name} differ in "
+                          "length)")
+    return columns
+
+
+# --------------------------------------------------------------------------- labels
+
+
+def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
+    """Flatten nested dicts into one dict with dotted keys (``{"a": {"b": 1}}`` -> ``a.b``)."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def differing_keys(configs: list[dict[str, Any]]) -> list[str]:
+    """Return the sorted flat keys that take more than one value among the configs having them.
+
+    A key present in only some configs with a single value (a setting of one algorithm that
+    the others lack) does not count as differing, nor do the keys in ``LABEL_IGNORED``.
+    """
+    seen: dict[str, set[str]] = {}
+    for config in configs:
+        for key, value in config.items():
+            if key not in LABEL_IGNORED:
+                seen.setdefault(key, set()).add(json.dumps(value, sort_keys=True, default=str))
+    return sorted(key for key, values in seen.items() if len(values) > 1)
+
+
+def format_value(value: Any) -> str:
+    """Format a configuration value the way it would be written in YAML or ``--set``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(format_value(v) for v in value) + "]"
+    return str(value)
+
+
+def assign_labels(runs: list[Run]) -> None:
+    """Label each run by algorithm and the settings that differ between the runs (in place).
+
+    A single run keeps ``"<algorithm> <world_size> ranks"``. Otherwise the label is the
+    algorithm, the world size when it differs between runs, and the differing config keys, e.g.
+    ``"signum (algorithm.lr=0.01, data.partition=dirichlet)"``. Labels that would still be equal
+    get the run directory's name appended.
+    """
+    if len(runs) == 1:
+        runs[0].label = f"{runs[0].algorithm} {runs[0].world_size} ranks"
+        return
+    flats = [flatten(run.summary.get("config") or {}) for run in runs]
+    keys = differing_keys(flats)
+    sizes_differ = len({run.world_size for run in runs}) > 1
+    for run, flat in zip(runs, flats, strict=True):
+        head = f"{run.algorithm} {run.world_size} ranks" if sizes_differ else run.algorithm
+        parts = [f"{key}={format_value(flat[key])}" for key in keys if key in flat]
+        run.label = f"{head} ({', '.join(parts)})" if parts else head
+    _dedupe_labels(runs)
+
+
+def _dedupe_labels(runs: list[Run]) -> None:
+    """Append the directory name, or else the path, to labels shared by several runs."""
+    for use_path in (False, True):
+        labels = [run.label for run in runs]
+        for run in runs:
+            if labels.count(run.label) > 1:
+                name = os.path.basename(os.path.normpath(run.path))
+                run.label = f"{run.label} [{run.path if use_path else name}]"
+
+
+# --------------------------------------------------------------------------- numbers
+
+
+def time_to_target(run: Run, target: float) -> tuple[str, str]:
+    """Return the time (s) and step at which eval accuracy first reached ``target``, formatted.
+
+    Uses the ``eval`` group; a run without evaluations falls back to the summary's
+    ``time_to_target`` (when recorded for the same target) and then to the final model, whose
+    time and step are upper bounds (shown with ``<=``). ``("not reached", "not reached")``
+    otherwise.
+    """
+    acc = run.eval.get("accuracy")
+    if acc is not None and len(acc):
+        hits = np.flatnonzero(np.asarray(acc, dtype=float) >= target)
+        if not hits.size:
+            return "not reached", "not reached"
+        i = hits[0]
+        time = run.eval["time"][i] if "time" in run.eval else None
+        step = run.eval["step"][i] if "step" in run.eval else None
+        return _num(time, ".2f"), _num(step, "d")
+    recorded = run.summary.get("time_to_target")
+    if isinstance(recorded, dict) and _is_number(recorded.get("accuracy")) \
+            and math.isclose(recorded["accuracy"], target):
+        return _num(recorded.get("time_s"), ".2f"), _num(recorded.get("step"), "d")
+    final = run.summary["final"].get("accuracy")
+    if _is_number(final) and final >= target:
+        return (f"<= {_num(run.summary['wall_time_s'], '.2f')}",
+                f"<= {_num(run.summary['steps'], 'd')}")
+    return "not reached", "not reached"
+
+
+def _is_number(value: Any) -> bool:
+    """Tell whether ``value`` is a real number (not a bool)."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, bool)
+
+
+def _num(value: Any, spec: str) -> str:
+    """Format a number with ``spec``; ``n/a`` for a missing or non-numeric value."""
+    if not _is_number(value):
+        return "n/a"
+    if spec == "d":
+        return str(int(value))
+    return format(float(value), spec)
+
+
+def mean_training_loss(run: Run) -> tuple[np.ndarray, np.ndarray]:
+    """Return the steps and the minibatch loss averaged over the ranks that recorded each step.
+
+    Ranks may have recorded different numbers of steps (asynchronous algorithms, server
+    ranks); non-finite losses are left out of the mean.
+    """
+    steps, losses = [], []
+    for columns in run.ranks.values():
+        if "step" in columns and "loss" in columns:
+            steps.append(np.asarray(columns["step"]))
+            losses.append(np.asarray(columns["loss"], dtype=np.float64))
+    if not steps:
+        return np.zeros(0, dtype=np.int64), np.zeros(0)
+    step, loss = np.concatenate(steps), np.concatenate(losses)
+    keep = np.isfinite(loss)
+    step, loss = step[keep], loss[keep]
+    unique, inverse = np.unique(step, return_inverse=True)
+    sums = np.bincount(inverse, weights=loss, minlength=len(unique))
+    counts = np.bincount(inverse, minlength=len(unique))
+    return unique, sums / np.maximum(counts, 1)
+
+
+def moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Return the trailing moving average of ``values`` over full windows (``len - window + 1``)."""
+    values = np.asarray(values, dtype=np.float64)
+    window = max(1, min(int(window), len(values)))
+    if not len(values):
+        return values
+    cumsum = np.concatenate(([0.0], np.cumsum(values)))
+    return (cumsum[window:] - cumsum[:-window]) / window
+
+
+def smoothing_window(n: int) -> int:
+    """Return the moving-average window for ``n`` points: about 2% of them, at least 1."""
+    return max(1, n // 50)
+
+
+# --------------------------------------------------------------------------- table
+
+
+def _cell(text: str) -> str:
+    """Escape ``text`` for a markdown table cell."""
+    return text.replace("|", "\\|")
+
+
+def _row(run: Run, target: float | None) -> list[str]:
+    """Return the table cells of one run."""
+    s, final = run.summary, run.summary["final"]
+    per_step = s.get("bytes_sent_per_rank_per_step")
+    cells = [
+        _cell(run.label), run.algorithm, str(run.world_size), str(s["steps"]),
+        _num(final.get("accuracy"), ".4f"), _num(final.get("loss"), ".4f"),
+        _num(s["wall_time_s"], ".2f"),
+        _num(per_step / MB if _is_number(per_step) else None, ".4g"),
+        _num(s.get("compute_s"), ".2f"), _num(s.get("comm_s"), ".2f"),
+    ]
+    if target is not None:
+        cells.extend(time_to_target(run, target))
+    return cells
+
+
+def format_table(runs: list[Run], target: float | None = None) -> str:
+    """Return the markdown table comparing ``runs`` (one row each)."""
+    header = ["run", "algorithm", "ranks", "steps", "final test accuracy", "final test loss",
+              "wall time (s)", "MB sent / rank / step", "compute (s)", "comm (s)"]
+    if target is not None:
+        header += [f"time to accuracy {target:g} (s)", f"step at accuracy {target:g}"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_row(run, target)) + " |" for run in runs]
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(runs: list[Run], out_dir: str, target: float | None) -> str:
+    """Write ``report.md`` (table, run paths, plots) into ``out_dir``; return its path."""
+    parts = ["# mpiopt report", "", format_table(runs, target),
+             "MB = 10^6 bytes; compute and comm are seconds per rank (mean over ranks).", "",
+             "## Runs", ""]
+    parts += [f"- {_cell(run.label)}: `{run.path}`" for run in runs]
+    parts += ["", "## Plots", "", "![test loss](loss.png)", "", "![test accuracy](accuracy.png)",
+              "", "![training loss](training_loss.png)", ""]
+    path = os.path.join(out_dir, "report.md")
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(parts))
+    return path
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _colour(i: int, n: int) -> Any:
+    """Return the colour of run ``i`` of ``n``: the default cycle, or a colormap beyond 10."""
+    if n <= 10:
+        return f"C{i}"
+    import matplotlib
+
+    return matplotlib.colormaps["turbo"](i / (n - 1))
+
+
+def _x_values(source: dict, xkey: str) -> Any:
+    """Return the x values of panel ``xkey`` from eval columns (bytes converted to MB)."""
+    x = np.asarray(source[xkey], dtype=np.float64)
+    return x / MB if xkey == "bytes_sent" else x
+
+
+def _final_point(run: Run, xkey: str) -> float | None:
+    """Return the x position of the final model on panel ``xkey`` from the summary."""
+    s = run.summary
+    if xkey == "step":
+        return float(s["steps"])
+    if xkey == "time":
+        return float(s["wall_time_s"]) if _is_number(s["wall_time_s"]) else None
+    per_step = s.get("bytes_sent_per_rank_per_step")
+    return per_step * s["steps"] / MB if _is_number(per_step) else None
+
+
+def _draw_run(ax: Any, run: Run, metric: str, xkey: str, colour: Any) -> bool:
+    """Draw one run's eval ``metric`` against ``xkey``; return whether a dashed average was.
+
+    A run without evaluations is drawn as one marker at its final model (from the summary).
+    """
+    ev, y = run.eval, run.eval.get(metric)
+    if y is None or not len(y):
+        x, value = _final_point(run, xkey), run.summary["final"].get(metric)
+        if x is not None and _is_number(value):
+            ax.plot([x], [value], color=colour, marker="o", linestyle="none", label=run.label)
+        return False
+    if xkey not in ev:
+        return False
+    x = _x_values(ev, xkey)
+    marker = "o" if len(x) == 1 else None
+    ax.plot(x, y, color=colour, marker=marker, label=run.label)
+    avg = ev.get(f"avg_{metric}")
+    if avg is not None:
+        ax.plot(x, avg, color=colour, marker=marker, linestyle="--")
+    return avg is not None
+
+
+def _legend(fig: Any, ax: Any, dashed: bool, ncols: int = 2) -> None:
+    """Put one legend for all panels below them, noting dashed averages when drawn."""
+    from matplotlib.lines import Line2D
+
+    handles, labels = ax.get_legend_handles_labels()
+    if dashed:
+        handles.append(Line2D([], [], color="grey", linestyle="--"))
+        labels.append("dashed: averaged model")
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), ncols),
+                   fontsize="small")
+
+
+def plot_metric(runs: list[Run], metric: str, path: str) -> str:
+    """Plot eval ``metric`` of all runs against steps, wall time and MB sent; return ``path``."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(15, 5), layout="constrained")
+    axes = fig.subplots(1, len(PANELS), squeeze=True)
+    dashed = False
+    for i, run in enumerate(runs):
+        for ax, (xkey, _) in zip(axes, PANELS, strict=True):
+            dashed |= _draw_run(ax, run, metric, xkey, _colour(i, len(runs)))
+    for ax, (_, xlabel) in zip(axes, PANELS, strict=True):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"test {metric}")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"test {metric}")
+    _legend(fig, axes[0], dashed)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def plot_training_loss(runs: list[Run], path: str) -> str:
+    """Plot the smoothed minibatch loss, mean over ranks, of all runs against steps."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 5.5), layout="constrained")
+    ax = fig.subplots()
+    for i, run in enumerate(runs):
+        steps, loss = mean_training_loss(run)
+        if not len(steps):
+            continue
+        colour, window = _colour(i, len(runs)), smoothing_window(len(loss))
+        ax.plot(steps, loss, color=colour, alpha=0.2, linewidth=0.8)
+        ax.plot(steps[window - 1:], moving_average(loss, window), color=colour, label=run.label)
+    if not ax.lines:
+        ax.text(0.5, 0.5, "no per-step data", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("step")
+    ax.set_ylabel("minibatch loss (mean over ranks)")
+    ax.grid(alpha=0.3)
+    ax.set_title("training loss (faint: raw; solid: moving average over ~2% of steps)")
+    _legend(fig, ax, False, ncols=1)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _check_target(target: float | None) -> None:
+    """Raise a ConfigError unless ``target`` is None or an accuracy in [0, 1]."""
+    if target is None:
+        return
+    if not _is_number(target) or not 0 <= target <= 1:
+        raise ConfigError(f"must be an accuracy in [0, 1], got {target!r}", key="--target")
+
+
+def _unique_dirs(run_dirs: list[str]) -> list[str]:
+    """Drop repeated run directories (the same real path given twice), keeping the order."""
+    seen, out = set(), []
+    for path in map(os.fspath, run_dirs):
+        real = os.path.realpath(path)
+        if real not in seen:
+            seen.add(real)
+            out.append(path)
+    return out
+
+
+def make_report(run_dirs: list[str], out_dir: str, target: float | None = None) -> list[str]:
+    """Write plots and a markdown table comparing run directories.
+
+    Args:
+        run_dirs: Run directories written by ``mpiopt run``.
+        out_dir: Where to write; created if needed.
+        target: An eval accuracy; the table then says when each run first reached it.
+
+    Returns:
+        The paths written: ``loss.png``, ``accuracy.png``, ``training_loss.png``, ``report.md``.
+
+    Raises:
+        ConfigError: No run given, a run directory is missing or unreadable, ``target`` is out
+            of range, or ``out_dir`` cannot be created.
+    """
+    if not run_dirs:
+        raise ConfigError("no run directories given")
+    _check_target(target)
+    runs = [load_run(path) for path in _unique_dirs(run_dirs)]
+    assign_labels(runs)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create output directory {out_dir}: "
+                          f"{exc.strerror or exc}") from None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    return [
+        plot_metric(runs, "loss", os.path.join(out_dir, "loss.png")),
+        plot_metric(runs, "accuracy", os.path.join(out_dir, "accuracy.png")),
+        plot_training_loss(runs, os.path.join(out_dir, "training_loss.png")),
+        write_markdown(runs, out_dir, target),
+    ]

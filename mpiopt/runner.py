@@ -1,0 +1,209 @@
+"""``mpiopt run``: from a config file to a finished run directory, on every rank.
+
+The phases are: read and validate the configuration (every rank, errors agreed so that all
+ranks stop together), load the data and build the problem (partition checks), create the run
+directory (rank 0), train (the algorithm's own loop), then merge metrics and write the summary.
+A :class:`~mpiopt.errors.ConfigError` in the first two phases leaves nothing on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import time
+
+import h5py
+
+from mpiopt import __version__, backend
+from mpiopt.algorithms.base import Context
+from mpiopt.comm.transport import Transport, mpi_info
+from mpiopt.config import Config, load_config
+from mpiopt.errors import ConfigError
+from mpiopt.faults import FaultInjector
+from mpiopt.io.metrics import StepLog, merge, rank_log_path
+from mpiopt.progress import Progress
+
+
+def agree(transport: Transport, fn):
+    """Run ``fn`` on every rank; if any rank raised ConfigError, raise the first on all."""
+    try:
+        result, error = fn(), None
+    except ConfigError as exc:
+        result, error = None, str(exc)
+    errors = transport.allgather_obj(error)
+    first = next((e for e in errors if e), None)
+    if first:
+        raise ConfigError(first)
+    return result
+
+
+def _overrides(sets, steps, seed, out, overwrite, quiet) -> list[str]:
+    extra = list(sets or [])
+    for key, value in (("steps", steps), ("seed", seed), ("out", out)):
+        if value is not None:
+            extra.append(f"run.{key}={value}")
+    if overwrite:
+        extra.append("run.overwrite=true")
+    if quiet:
+        extra.append("run.quiet=true")
+    return extra
+
+
+def _run_dir(cfg: Config) -> str:
+    """Return the run directory (rank 0): the configured one, or a fresh timestamped one."""
+    if cfg.run.out:
+        out = cfg.run.out
+        if os.path.exists(out) and not cfg.run.overwrite:
+            raise ConfigError(f"{out} already exists; choose another or pass --overwrite",
+                              key="run.out")
+        return out
+    base = os.path.join("runs", f"{cfg.algorithm.NAME}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out, i = base, 1
+    while os.path.exists(out):
+        i += 1
+        out = f"{base}-{i}"
+    return out
+
+
+def prepare(transport: Transport, config_path: str, overrides: list[str]):
+    """Validate the configuration on every rank; return it and the run directory."""
+    def check():
+        cfg = load_config(config_path, overrides)
+        for section in (cfg.problem, cfg.data, cfg.algorithm):
+            section.check_world(transport.size)
+        return cfg, (_run_dir(cfg) if transport.rank == 0 else None)
+
+    cfg, out = agree(transport, check)
+    return cfg, transport.bcast_obj(out)
+
+
+def build_problem(transport: Transport, cfg: Config):
+    """Load this rank's shard and build the problem (every rank; errors agreed)."""
+    def build():
+        xp = backend.select(cfg.run.device)
+        shard = cfg.data.load(transport.rank, transport.size, cfg.run.seed,
+                              with_test=transport.rank == 0)
+        n = shard.x_train.shape[0]
+        if cfg.data.batch_size > n:
+            raise ConfigError(f"{cfg.data.batch_size} is larger than the {n} samples of rank "
+                              f"{transport.rank}'s shard", key="data.batch_size")
+        return xp, shard, cfg.problem.build(shard, cfg.data.batch_size, xp)
+
+    return agree(transport, build)
+
+
+def _create_dir(transport: Transport, cfg: Config, out: str) -> None:
+    if transport.rank == 0:
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.makedirs(os.path.join(out, ".ranks"))
+        with open(os.path.join(out, "config.yaml"), "w") as fh:
+            fh.write(cfg.to_yaml())
+    transport.barrier()
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _time_to_target(ctx: Context, target) -> dict | None:
+    if target is None:
+        return None
+    for row in ctx.evals.rows:
+        if row.get("accuracy", -1.0) >= target:
+            return {"accuracy": target, "step": int(row["step"]), "time_s": row["time"]}
+    return None
+
+
+def _summary(ctx: Context, cfg: Config, totals: list[dict], wall: float) -> dict:
+    n = ctx.size
+    sent = sum(t["sent"] for t in totals)
+    steps = max(t["steps"] for t in totals)
+    return {
+        "algorithm": cfg.algorithm.NAME, "problem": cfg.problem.NAME,
+        "dataset": cfg.data.NAME, "world_size": n, "steps": steps,
+        "steps_per_rank": [t["steps"] for t in totals], "wall_time_s": wall,
+        "final": ctx.final,
+        "bytes_sent_total": sent, "bytes_recv_total": sum(t["recv"] for t in totals),
+        "bytes_sent_per_rank_per_step": sent / n / max(steps, 1),
+        "compute_s": sum(t["compute"] for t in totals) / n,
+        "comm_s": sum(t["comm"] for t in totals) / n,
+        "peak_rss_mb": [t["rss"] for t in totals],
+        "seed": cfg.run.seed, "time_to_target": _time_to_target(ctx, cfg.run.target_accuracy),
+        "model_dim": int(ctx.problem.dim), "mpi": mpi_info()["library"],
+        "mpiopt_version": __version__, "config": cfg.to_dict(),
+    }
+
+
+def _save_model(path: str, x, cfg: Config) -> None:
+    with h5py.File(path + ".tmp", "w") as f:
+        f.create_dataset("x", data=backend.to_host(x))
+        f.attrs["algorithm"] = cfg.algorithm.NAME
+        f.attrs["problem"] = cfg.problem.NAME
+    os.replace(path + ".tmp", path)
+
+
+def finish(ctx: Context, cfg: Config, algo, out: str) -> dict | None:
+    """Close the logs, merge metrics, save the model and write summary.json (rank 0)."""
+    wall = ctx.elapsed()
+    rows = ctx.steplog
+    rows.close()
+    with h5py.File(rows.path, "r") as f:
+        mine = {"steps": ctx.steps_done, "sent": ctx.transport.bytes_sent(),
+                "recv": ctx.transport.bytes_recv(), "compute": float(f["compute_s"][()].sum()),
+                "comm": float(f["comm_s"][()].sum()), "rss": _peak_rss_mb()}
+    totals = ctx.transport.allgather_obj(mine)
+    if ctx.rank != 0:
+        return None
+    attrs = {"algorithm": cfg.algorithm.NAME, "problem": cfg.problem.NAME,
+             "dataset": cfg.data.NAME, "world_size": ctx.size, "config": cfg.to_yaml()}
+    merge(out, ctx.size, ctx.evals, attrs)
+    _save_model(os.path.join(out, "model.h5"), algo.model(), cfg)
+    summary = _summary(ctx, cfg, totals, wall)
+    with open(os.path.join(out, "summary.json.tmp"), "w") as fh:
+        json.dump(summary, fh, indent=2, default=float)
+    os.replace(os.path.join(out, "summary.json.tmp"), os.path.join(out, "summary.json"))
+    return summary
+
+
+def describe_start(cfg: Config, n: int, out: str, dim: int) -> str:
+    """Return the one line printed when a run starts."""
+    return (f"mpiopt {__version__}: {cfg.algorithm.NAME} on {n} rank(s), problem "
+            f"{cfg.problem.NAME} (d={dim}), data {cfg.data.NAME} ({cfg.data.partition}), "
+            f"{cfg.run.steps} steps -> {out}")
+
+
+def describe_end(summary: dict) -> str:
+    """Return the closing line of a run."""
+    final = " ".join(f"{k}={v:.4f}" for k, v in summary["final"].items()
+                     if isinstance(v, float))
+    return (f"done in {summary['wall_time_s']:.1f}s: {final} | "
+            f"{summary['bytes_sent_per_rank_per_step'] / 1e6:.3f} MB sent per rank per step")
+
+
+def run(config_path: str, sets=None, steps=None, seed=None, out=None, overwrite=False,
+        quiet=False, transport: Transport | None = None) -> dict | None:
+    """Run a configuration on every rank of the job; return the summary on rank 0."""
+    transport = transport or Transport()
+    faults = agree(transport, lambda: FaultInjector.from_env(transport.rank))
+    cfg, out_dir = prepare(transport, config_path,
+                           _overrides(sets, steps, seed, out, overwrite, quiet))
+    transport.timeout = cfg.run.comm_timeout_s
+    xp, shard, problem = build_problem(transport, cfg)
+    loud = transport.rank == 0 and not cfg.run.quiet
+    if transport.rank == 0:
+        for warning in cfg.warnings:
+            print(f"mpiopt: warning: {warning}", flush=True)
+        print(describe_start(cfg, transport.size, out_dir, problem.dim), flush=True)
+    _create_dir(transport, cfg, out_dir)
+    steplog = StepLog(rank_log_path(out_dir, transport.rank), cfg.run.metrics_chunk)
+    progress = Progress(cfg.run.steps, cfg.run.progress_every_s, enabled=loud)
+    ctx = Context(cfg, transport, problem, xp, out_dir, steplog, faults, progress)
+    algo = cfg.algorithm.build(ctx)
+    algo.run()
+    summary = finish(ctx, cfg, algo, out_dir)
+    if summary is not None:
+        print(describe_end(summary), flush=True)
+    return summary

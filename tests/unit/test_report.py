@@ -1,0 +1,348 @@
+"""Tests of mpiopt.report: loading run directories, labels, the markdown table and the plots."""
+
+import copy
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+
+from mpiopt.errors import ConfigError
+from mpiopt.report import (
+    assign_labels,
+    load_run,
+    make_report,
+    mean_training_loss,
+    moving_average,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+BASE_CONFIG = {
+    "problem": {"name": "softmax", "l2": 0.0001},
+    "data": {"name": "digits", "partition": "iid", "batch_size": 32},
+    "algorithm": {"name": "signum", "lr": 0.001, "momentum": 0.9},
+    "run": {"steps": 40, "eval_every": 10, "seed": 0, "out": "runs/x", "quiet": False},
+}
+
+
+def config_with(**changes):
+    """Return a copy of BASE_CONFIG with ``section.key`` values changed ("a__b" for "a.b")."""
+    config = copy.deepcopy(BASE_CONFIG)
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        config[section][key] = value
+    return config
+
+
+def write_run(path, config, world_size=2, steps=40, evals=None, wall=12.5, final=None,
+              bytes_per_step=25000.0, compute=8.25, comm=3.5, time_to_target=None,
+              rank_steps=None):
+    """Write a run directory exactly as ``mpiopt run`` does; return the summary."""
+    os.makedirs(path)
+    algorithm = config["algorithm"]["name"]
+    final = final or {"loss": 0.4321, "accuracy": 0.8765}
+    summary = {
+        "algorithm": algorithm, "problem": config["problem"]["name"],
+        "dataset": config["data"]["name"], "world_size": world_size, "steps": steps,
+        "wall_time_s": wall, "final": final,
+        "bytes_sent_total": int(bytes_per_step * steps * world_size),
+        "bytes_recv_total": int(bytes_per_step * steps * world_size),
+        "bytes_sent_per_rank_per_step": bytes_per_step, "compute_s": compute, "comm_s": comm,
+        "peak_rss_mb": [100.0] * world_size, "seed": 0, "time_to_target": time_to_target,
+        "config": config,
+    }
+    with open(os.path.join(path, "summary.json"), "w") as fh:
+        json.dump(summary, fh)
+    with open(os.path.join(path, "config.yaml"), "w") as fh:
+        yaml.safe_dump(config, fh)
+    with h5py.File(os.path.join(path, "metrics.h5"), "w") as h5:
+        h5.attrs.update(algorithm=algorithm, problem=summary["problem"],
+                        dataset=summary["dataset"], world_size=world_size,
+                        config=yaml.safe_dump(config))
+        for r in range(world_size):
+            n = steps if rank_steps is None else rank_steps[r]
+            write_rank(h5.create_group(f"ranks/{r}"), n, r, bytes_per_step)
+        group = h5.create_group("eval")
+        for name, values in (evals or {}).items():
+            dtype = np.int64 if name == "step" else np.float64
+            group.create_dataset(name, data=np.asarray(values, dtype=dtype))
+    return summary
+
+
+def write_rank(group, n, rank, bytes_per_step):
+    """Write the per-step columns of one rank: loss = 2 - step/100 + rank/10."""
+    step = np.arange(n, dtype=np.int64)
+    group.create_dataset("step", data=step)
+    group.create_dataset("time", data=step * 0.25)
+    group.create_dataset("loss", data=(2.0 - step / 100 + rank / 10).astype(np.float32))
+    group.create_dataset("lr", data=np.full(n, 0.001, dtype=np.float32))
+    group.create_dataset("bytes_sent", data=np.full(n, int(bytes_per_step), dtype=np.int64))
+    group.create_dataset("bytes_recv", data=np.full(n, int(bytes_per_step), dtype=np.int64))
+    group.create_dataset("compute_s", data=np.full(n, 0.2))
+    group.create_dataset("comm_s", data=np.full(n, 0.08))
+
+
+EVALS_A = {"step": [0, 10, 20, 30, 40], "time": [0.0, 3.1, 6.2, 9.3, 12.4],
+           "bytes_sent": [0.0, 2.5e5, 5e5, 7.5e5, 1e6], "loss": [2.3, 1.2, 0.8, 0.6, 0.5],
+           "accuracy": [0.1, 0.55, 0.71, 0.83, 0.86]}
+EVALS_B = {**EVALS_A, "accuracy": [0.1, 0.4, 0.5, 0.6, 0.65],
+           "avg_accuracy": [0.1, 0.45, 0.55, 0.66, 0.7], "avg_loss": [2.3, 1.3, 1.0, 0.9, 0.8],
+           "consensus_distance": [0.0, 0.1, 0.1, 0.05, 0.02]}
+
+
+def table_rows(markdown):
+    """Parse the first markdown table of ``markdown`` into dicts keyed by header, by run."""
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    split = [[c.strip() for c in line.strip().strip("|").split(" | ")] for line in lines]
+    header = split[0]
+    return {cells[0]: dict(zip(header, cells, strict=True)) for cells in split[2:]}
+
+
+def is_png(path):
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    return head == PNG_MAGIC and os.path.getsize(path) > 1000
+
+
+@pytest.fixture(scope="module")
+def three_runs(tmp_path_factory):
+    """Three runs differing in lr, partition and algorithm; the third has no evaluations."""
+    root = tmp_path_factory.mktemp("runs")
+    a = write_run(str(root / "a"), config_with(algorithm__lr=0.01, run__out="runs/a"),
+                  evals=EVALS_A)
+    b = write_run(str(root / "b"), config_with(data__partition="dirichlet", run__out="runs/b"),
+                  evals=EVALS_B, wall=20.75, final={"loss": 0.81234, "accuracy": 0.70004},
+                  bytes_per_step=1234.5, compute=15.125, comm=4.0,
+                  rank_steps=[40, 25])
+    cfg_c = config_with(run__out="runs/c")
+    cfg_c["algorithm"] = {"name": "allreduce", "lr": 0.001}
+    c = write_run(str(root / "c"), cfg_c, world_size=4, steps=30, wall=7.0,
+                  final={"loss": 0.3, "accuracy": 0.91},
+                  time_to_target={"accuracy": 0.85, "step": 20, "time_s": 4.5})
+    paths = [str(root / name) for name in "abc"]
+    return paths, (a, b, c)
+
+
+@pytest.fixture(scope="module")
+def report(three_runs, tmp_path_factory):
+    """The report of the three runs with target 0.85, written into a new nested directory."""
+    out = str(tmp_path_factory.mktemp("report") / "nested" / "out")
+    written = make_report(three_runs[0], out, target=0.85)
+    with open(os.path.join(out, "report.md")) as fh:
+        return out, written, fh.read()
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def test_load_run_reads_summary_eval_and_ranks(three_runs):
+    run = load_run(three_runs[0][1])
+    assert run.summary["algorithm"] == "signum" and run.summary["world_size"] == 2
+    assert set(run.eval) == set(EVALS_B)
+    np.testing.assert_allclose(run.eval["avg_loss"], EVALS_B["avg_loss"])
+    assert run.eval["step"].dtype == np.int64
+    assert sorted(run.ranks) == [0, 1]
+    assert len(run.ranks[0]["loss"]) == 40 and len(run.ranks[1]["loss"]) == 25
+    assert set(run.ranks[0]) == {"step", "time", "loss", "lr", "bytes_sent", "bytes_recv",
+                                 "compute_s", "comm_s"}
+    assert run.label == "signum 2 ranks"
+
+
+def test_load_run_of_run_without_evaluations_has_empty_eval(three_runs):
+    run = load_run(three_runs[0][2])
+    assert run.eval == {} and run.world_size == 4
+
+
+def test_missing_directory_is_config_error(tmp_path):
+    missing = str(tmp_path / "nope")
+    with pytest.raises(ConfigError, match="not found") as info:
+        load_run(missing)
+    assert missing in str(info.value)
+    with pytest.raises(ConfigError, match="nope"):
+        make_report([missing], str(tmp_path / "out"))
+
+
+def test_missing_metrics_is_config_error(tmp_path):
+    path = str(tmp_path / "run")
+    write_run(path, config_with(), evals=EVALS_A)
+    os.remove(os.path.join(path, "metrics.h5"))
+    with pytest.raises(ConfigError, match="metrics.h5 is missing") as info:
+        load_run(path)
+    assert path in str(info.value)
+
+
+def test_missing_summary_is_config_error(tmp_path):
+    path = str(tmp_path / "run")
+    write_run(path, config_with(), evals=EVALS_A)
+    os.remove(os.path.join(path, "summary.json"))
+    with pytest.raises(ConfigError, match="summary.json is missing"):
+        load_run(path)
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"algorithm": "signum"}'])
+def test_corrupt_summary_is_config_error(tmp_path, text):
+    path = str(tmp_path / "run")
+    write_run(path, config_with(), evals=EVALS_A)
+    with open(os.path.join(path, "summary.json"), "w") as fh:
+        fh.write(text)
+    with pytest.raises(ConfigError, match="summary.json"):
+        load_run(path)
+
+
+def test_corrupt_metrics_is_config_error(tmp_path):
+    path = str(tmp_path / "run")
+    write_run(path, config_with(), evals=EVALS_A)
+    with open(os.path.join(path, "metrics.h5"), "wb") as fh:
+        fh.write(b"this is not HDF5" * 10)
+    with pytest.raises(ConfigError, match="corrupt metrics.h5"):
+        load_run(path)
+
+
+def test_bad_target_and_no_runs_are_config_errors(three_runs, tmp_path):
+    with pytest.raises(ConfigError, match="--target"):
+        make_report(three_runs[0], str(tmp_path / "out"), target=85)
+    with pytest.raises(ConfigError, match="no run"):
+        make_report([], str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+
+
+# --------------------------------------------------------------------------- labels
+
+
+def test_labels_name_only_the_differing_keys(three_runs):
+    runs = [load_run(p) for p in three_runs[0]]
+    assign_labels(runs)
+    a, b, c = (run.label for run in runs)
+    # lr differs (0.01, 0.001, 0.001) and partition differs; momentum exists only in signum,
+    # the algorithm names and run.out differ but are not settings of the computation.
+    # World sizes differ (2, 2, 4), so every label names its ranks.
+    assert a == "signum 2 ranks (algorithm.lr=0.01, data.partition=iid)"
+    assert b == "signum 2 ranks (algorithm.lr=0.001, data.partition=dirichlet)"
+    assert c == "allreduce 4 ranks (algorithm.lr=0.001, data.partition=iid)"
+    for label in (a, b, c):
+        for equal in ("problem", "batch_size", "momentum", "run.out", "run.steps", "seed",
+                      "algorithm.name"):
+            assert equal not in label
+
+
+def test_label_format_of_two_runs(tmp_path):
+    paths = [str(tmp_path / "x"), str(tmp_path / "y")]
+    write_run(paths[0], config_with(algorithm__lr=0.01, data__partition="dirichlet"))
+    write_run(paths[1], config_with())
+    runs = [load_run(p) for p in paths]
+    assign_labels(runs)
+    assert runs[0].label == "signum (algorithm.lr=0.01, data.partition=dirichlet)"
+    assert runs[1].label == "signum (algorithm.lr=0.001, data.partition=iid)"
+
+
+def test_single_run_label_is_algorithm_and_ranks(tmp_path, three_runs):
+    runs = [load_run(three_runs[0][2])]
+    assign_labels(runs)
+    assert runs[0].label == "allreduce 4 ranks"
+
+
+def test_identical_configs_get_distinct_labels(tmp_path):
+    paths = [str(tmp_path / "first"), str(tmp_path / "second")]
+    for path in paths:
+        write_run(path, config_with(), evals=EVALS_A)
+    runs = [load_run(p) for p in paths]
+    assign_labels(runs)
+    assert [run.label for run in runs] == ["signum [first]", "signum [second]"]
+
+
+# --------------------------------------------------------------------------- table
+
+
+def test_report_table_has_a_row_per_run_with_its_numbers(report, three_runs):
+    _, _, markdown = report
+    rows = table_rows(markdown)
+    assert len(rows) == 3
+    for summary in three_runs[1]:
+        label = next(k for k in rows if k.startswith(summary["algorithm"])
+                     and rows[k]["wall time (s)"] == f"{summary['wall_time_s']:.2f}")
+        row = rows[label]
+        assert row["algorithm"] == summary["algorithm"]
+        assert row["ranks"] == str(summary["world_size"])
+        assert row["steps"] == str(summary["steps"])
+        assert row["final test accuracy"] == f"{summary['final']['accuracy']:.4f}"
+        assert row["final test loss"] == f"{summary['final']['loss']:.4f}"
+        assert row["MB sent / rank / step"] == \
+            f"{summary['bytes_sent_per_rank_per_step'] / 1e6:.4g}"
+        assert row["compute (s)"] == f"{summary['compute_s']:.2f}"
+        assert row["comm (s)"] == f"{summary['comm_s']:.2f}"
+
+
+def test_report_table_values_spelled_out(report):
+    rows = table_rows(report[2])
+    b = next(row for label, row in rows.items() if "dirichlet" in label)
+    assert (b["final test accuracy"], b["final test loss"], b["wall time (s)"]) == \
+        ("0.7000", "0.8123", "20.75")
+    assert (b["MB sent / rank / step"], b["compute (s)"], b["comm (s)"]) == \
+        ("0.001234", "15.12", "4.00")
+
+
+def test_target_column_reached_and_not_reached(report):
+    rows = table_rows(report[2])
+    a, b, c = (next(row for label, row in rows.items() if key in label)
+               for key in ("lr=0.01", "dirichlet", "allreduce"))
+    time_key, step_key = "time to accuracy 0.85 (s)", "step at accuracy 0.85"
+    first = int(np.argmax(np.asarray(EVALS_A["accuracy"]) >= 0.85))
+    assert (a[time_key], a[step_key]) == (f"{EVALS_A['time'][first]:.2f}",
+                                          str(EVALS_A["step"][first]))
+    assert (a[time_key], a[step_key]) == ("12.40", "40")
+    assert (b[time_key], b[step_key]) == ("not reached", "not reached")
+    # No evaluations: the summary's time_to_target for the same target is used.
+    assert (c[time_key], c[step_key]) == ("4.50", "20")
+
+
+def test_no_target_no_target_columns(three_runs, tmp_path):
+    make_report(three_runs[0][:1], str(tmp_path / "out"))
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    row = next(iter(table_rows(markdown).values()))
+    assert not any("target" in key or "at accuracy" in key for key in row)
+    assert row["run"] == "signum 2 ranks"
+
+
+def test_run_without_evals_falls_back_to_final_model(tmp_path):
+    path = str(tmp_path / "run")
+    write_run(path, config_with(), final={"loss": 0.2, "accuracy": 0.95})
+    make_report([path], str(tmp_path / "out"), target=0.9)
+    row = next(iter(table_rows((tmp_path / "out" / "report.md").read_text()).values()))
+    assert row["time to accuracy 0.9 (s)"] == "<= 12.50"
+    assert row["step at accuracy 0.9"] == "<= 40"
+    assert row["final test accuracy"] == "0.9500"
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def test_report_writes_valid_pngs(report):
+    out, written, _ = report
+    names = ["loss.png", "accuracy.png", "training_loss.png", "report.md"]
+    assert written == [os.path.join(out, name) for name in names]
+    import matplotlib.image
+
+    for path in written[:3]:
+        assert is_png(path), path
+        height, width = matplotlib.image.imread(path).shape[:2]
+        assert height > 200 and width > 200
+    loss = matplotlib.image.imread(written[0])
+    assert loss.shape[1] > 2 * loss.shape[0]  # three panels side by side
+
+
+def test_mean_training_loss_over_unequal_ranks(three_runs):
+    run = load_run(three_runs[0][1])  # rank 0: 40 steps, rank 1: 25 steps
+    steps, loss = mean_training_loss(run)
+    np.testing.assert_array_equal(steps, np.arange(40))
+    expected = np.where(steps < 25, 2.0 - steps / 100 + 0.05, 2.0 - steps / 100)
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+
+
+def test_moving_average():
+    np.testing.assert_allclose(moving_average(np.arange(6.0), 3), [1, 2, 3, 4])
+    np.testing.assert_allclose(moving_average(np.array([5.0, 7.0]), 1), [5, 7])
+    np.testing.assert_allclose(moving_average(np.array([5.0, 7.0]), 10), [6])
+    assert moving_average(np.zeros(0), 3).size == 0
