@@ -83,7 +83,8 @@ def cmd_data_convert(args) -> int:
     from mpiopt.data.convert import convert
 
     counts = convert(args.format, args.src, args.out, overwrite=args.overwrite)
-    print(f"wrote {args.out}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+    print(f"wrote {args.out}: " + ", ".join(f"{k}={v}" for k, v in counts.items()
+                                            if k not in ("out", "format")))
     return 0
 
 

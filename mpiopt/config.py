@@ -451,4 +451,7 @@ def config_markdown() -> str:
 
 
 if __name__ == "__main__":
-    print(config_markdown(), end="")
+    # Run as a script this module is not the imported mpiopt.config the registries fill.
+    from mpiopt.config import config_markdown as _render
+
+    print(_render(), end="")

@@ -117,9 +117,9 @@ class Context:
     def begin_step(self, step: int) -> None:
         """Mark the start of ``step``: fire due faults, stamp timers and counters."""
         self.transport.step = step
-        self.faults.at_step(step)
         t = self.transport
         self._mark = (time.perf_counter(), t.bytes_sent(), t.bytes_recv(), t.comm_seconds())
+        self.faults.at_step(step)  # a stall counts as this step's compute time
 
     def end_step(self, step: int, loss: float, lr: float) -> None:
         """Record the row of ``step`` and report progress; fail on a non-finite loss."""

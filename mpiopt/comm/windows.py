@@ -21,6 +21,13 @@ _LOCKS = {"exclusive": MPI.LOCK_EXCLUSIVE, "shared": MPI.LOCK_SHARED}
 _OPS = {"sum": MPI.SUM, "replace": MPI.REPLACE, "max": MPI.MAX, "min": MPI.MIN}
 
 
+def _sync(win) -> None:
+    """Run ``Win.Sync`` inside the passive-target epoch it requires."""
+    win.Lock_all(MPI.MODE_NOCHECK)
+    win.Sync()
+    win.Unlock_all()
+
+
 class Window:
     """An RMA window of ``count`` elements of ``dtype`` on every rank of a transport.
 
@@ -83,8 +90,8 @@ class Window:
         self.win.Flush(rank)
 
     def sync(self) -> None:
-        """Synchronise the public and private copies of the local window memory."""
-        self.win.Sync()
+        """Synchronise the public and private copies of the window memory (a memory barrier)."""
+        _sync(self.win)
 
     def progress(self) -> None:
         """Enter MPI briefly so that pending passive-target operations on us progress."""
@@ -132,7 +139,7 @@ class SharedWindow:
 
     def fence(self) -> None:
         """Make stores visible to the other ranks of the node and wait for them."""
-        self.win.Sync()
+        _sync(self.win)
         self.transport.barrier()
 
     def free(self) -> None:

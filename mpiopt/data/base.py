@@ -75,7 +75,9 @@ class DataConfig(Section):
                            "gets classes_per_rank label-sorted shards).", choices=PARTITIONS)
     alpha: float = param(0.5, "Dirichlet concentration of label skew (partition: dirichlet); "
                          "small is more skewed.", low=0, low_open=True)
-    classes_per_rank: int = param(2, "Label shards per rank (partition: shards).", low=1)
+    classes_per_rank: int = param(2, "Label-sorted shards given to each rank (partition: "
+                                  "shards), so roughly the number of classes a rank sees.",
+                                  low=1)
 
     def open(self, seed: int) -> DataSource:
         """Open the dataset as generated or split for ``seed``; use as a context manager."""

@@ -38,7 +38,7 @@ READ_BLOCK_BYTES = 1 << 26
 @DATASETS.register("hdf5")
 @dataclass(frozen=True)
 class Hdf5Data(DataConfig):
-    """A dataset in an HDF5 file of the mpiopt format (see ``mpiopt data convert``)."""
+    """A dataset in an HDF5 file of the mpiopt format (see `mpiopt data convert`)."""
 
     SHORTHAND = "path"
 
@@ -87,7 +87,7 @@ class Hdf5Source(DataSource):
                               f"train/x samples {self.x.shape[1:]}", key=KEY)
         labels = _labels(y, "test/y", self.path)
         if labels.max() >= self.n_classes:
-            raise ConfigError(f"{self.path}: test/y has label {labels.max()} but train has "
+            raise ConfigError(f"{self.path}: test/y has label {labels.max()} but the data set has "
                               f"{self.n_classes} classes; set the root attribute n_classes",
                               key=KEY)
         return read_rows(x, np.arange(len(labels))), labels
@@ -113,7 +113,11 @@ def read_rows(dataset, rows: np.ndarray, block_bytes: int = READ_BLOCK_BYTES) ->
     step = max(1, block_bytes // max(1, n_features * dataset.dtype.itemsize))
     for lo in range(0, len(rows), step):
         block = rows[lo: lo + step]
-        raw = np.asarray(dataset[block]).reshape(len(block), n_features)
+        # A run of consecutive rows (a test set, a shard of a sorted file) is one hyperslab:
+        # much faster to read than the same rows listed one by one.
+        run = block[-1] - block[0] + 1 == len(block)
+        raw = dataset[block[0]: block[-1] + 1] if run else dataset[block]
+        raw = np.asarray(raw).reshape(len(block), n_features)
         out[lo: lo + len(block)] = raw
         if raw.dtype == np.uint8:
             out[lo: lo + len(block)] /= 255.0

@@ -92,12 +92,17 @@ def test_shards_with_pure_shards_are_exactly_classes_per_rank_classes():
 
 
 def test_shards_touch_at_most_two_classes_per_shard_on_uneven_labels():
-    labels = _labels(700)  # smallest class ~55 > largest shard 700 / 14 = 50
-    assert np.bincount(labels).min() >= 50
-    for world_size in WORLD_SIZES:
-        cpr = 2
-        parts = _split(labels, world_size, "shards", classes_per_rank=cpr)
-        assert all(len(np.unique(labels[p])) <= 2 * cpr for p in parts)
+    labels = _labels(700)
+    smallest_class, cpr = np.bincount(labels).min(), 2
+    checked = 0
+    for world_size in (7, 8, 10):
+        if smallest_class < -(-len(labels) // (world_size * cpr)):
+            continue  # the bound holds only when every class holds a largest shard
+        checked += 1
+        for seed in range(3):
+            parts = _split(labels, world_size, "shards", seed=seed, classes_per_rank=cpr)
+            assert all(len(np.unique(labels[p])) <= 2 * cpr for p in parts)
+    assert checked >= 2
 
 
 def test_iid_too_many_ranks_names_partition():
@@ -107,7 +112,7 @@ def test_iid_too_many_ranks_names_partition():
 
 
 def test_shards_too_few_samples_names_classes_per_rank():
-    with pytest.raises(ConfigError, match="classes_per_rank <= 3") as err:
+    with pytest.raises(ConfigError, match="classes_per_rank <= 4") as err:
         _split(_labels(20), 5, "shards", classes_per_rank=5)
     assert err.value.key == "data.classes_per_rank"
 

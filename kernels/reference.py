@@ -1,0 +1,163 @@
+"""Numpy reference kernels: the oracle every other backend must match bit for bit.
+
+Each function takes validated inputs and preallocated outputs (the public functions in
+:mod:`mpiopt.kernels` check and allocate) and writes its result into them. Clarity wins over
+speed here, but every float operation is written in the exact order the fast backends use
+(see :mod:`mpiopt.kernels._common`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._common import CHUNK, LANES, MIX_A, MIX_B, U24, vote_threshold
+
+
+def lanesum(v: np.ndarray) -> np.ndarray:
+    """Return the 32-lane canonical sum of each row of the float64 array ``v`` (R, L)."""
+    rows, length = v.shape
+    pad = (-length) % LANES
+    if pad:
+        v = np.concatenate([v, np.zeros((rows, pad))], axis=1)
+    v = v.reshape(rows, -1, LANES)
+    acc = np.zeros((rows, LANES))
+    for m in range(v.shape[1]):  # lane j adds its elements strictly in order
+        acc += v[:, m, :]
+    off = LANES // 2
+    while off:
+        acc[:, :off] += acc[:, off : 2 * off]
+        off //= 2
+    return acc[:, 0].copy()
+
+
+def csum_rows(v: np.ndarray) -> np.ndarray:
+    """Return the canonical sum of each row of the float64 array ``v``: chunks, then lanes."""
+    rows, length = v.shape
+    if length <= CHUNK:  # one chunk: the outer lane sum of a single value is that value
+        return lanesum(v)
+    nch = -(-length // CHUNK)
+    v = np.concatenate([v, np.zeros((rows, nch * CHUNK - length))], axis=1)
+    partial = lanesum(v.reshape(rows * nch, CHUNK)).reshape(rows, nch)
+    return lanesum(partial)
+
+
+def csum_segments(v: np.ndarray, seg: int) -> np.ndarray:
+    """Return the canonical sums of consecutive segments of ``seg`` elements of ``v``."""
+    full = v.size // seg
+    parts = [csum_rows(v[: full * seg].reshape(full, seg))] if full else []
+    if v.size > full * seg:
+        parts.append(csum_rows(v[full * seg :].reshape(1, -1)))
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def mix32(h: np.ndarray) -> np.ndarray:
+    """Return ``lowbias32(h)`` of a uint32 array (wrapping arithmetic)."""
+    h = h ^ (h >> 16)
+    h = h * np.uint32(MIX_A)
+    h = h ^ (h >> 15)
+    h = h * np.uint32(MIX_B)
+    return h ^ (h >> 16)
+
+
+def uniform(index: np.ndarray, k0: int, k1: int) -> np.ndarray:
+    """Return the float32 uniforms in [0, 1) of the uint32 ``index`` for keys ``(k0, k1)``."""
+    h = mix32(mix32(index ^ np.uint32(k0)) + np.uint32(k1))
+    return (h >> 8).astype(np.float32) * U24
+
+
+def pack_signs(x, out):
+    """Write the packed bits of ``x >= 0`` into ``out``."""
+    out[:] = np.packbits(x >= 0)
+
+
+def unpack_signs(packed, d, scale, out):
+    """Write ``+scale`` for set bits and ``-scale`` for clear bits of ``packed`` into ``out``."""
+    s = np.float32(scale)
+    out[:] = np.where(np.unpackbits(packed, count=d).astype(bool), s, -s)
+
+
+def majority_vote(stack, out):
+    """Write the packed vote ``sign(sum)`` (ties to +1) of the ``(n, nbytes)`` stack."""
+    counts = np.unpackbits(stack, axis=1).sum(axis=0, dtype=np.int64)
+    out[:] = np.packbits(counts >= vote_threshold(stack.shape[0]))
+
+
+def qsgd_scales(norms, levels):
+    """Return the per-bucket float32 factor ``levels / norm`` (0 for a zero or tiny norm)."""
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        sc = np.float32(levels) / norms
+    sc[~(norms > 0) | ~np.isfinite(sc)] = 0
+    return sc
+
+
+def nibble_pack(codes, out):
+    """Write signed 4-bit ``codes`` two per byte (first element in the high nibble)."""
+    c = (codes.astype(np.uint8) & np.uint8(0xF))
+    if c.size % 2:
+        c = np.append(c, np.uint8(0))
+    out[:] = (c[0::2] << 4) | c[1::2]
+
+
+def nibble_unpack(packed, d):
+    """Return the signed int8 codes of ``d`` 4-bit values packed two per byte."""
+    c = np.empty(2 * packed.size, np.int16)
+    c[0::2] = packed >> 4
+    c[1::2] = packed & 0xF
+    c = c[:d]
+    return np.where(c >= 8, c - 16, c).astype(np.int8)
+
+
+def qsgd_quantize(x, levels, bucket, k0, k1, codes, norms):
+    """Write QSGD codes (int8, or uint8 nibbles) and float32 bucket norms of ``x``."""
+    d = x.size
+    norms[:] = np.sqrt(csum_segments(x.astype(np.float64) ** 2, bucket)).astype(np.float32)
+    sc = np.repeat(qsgd_scales(norms, levels), bucket)[:d]
+    r = np.minimum(np.abs(x) * sc, np.float32(levels))
+    low = np.floor(r)
+    u = uniform(np.arange(d, dtype=np.uint32), k0, k1)
+    lev = low.astype(np.int8) + (u < (r - low)).astype(np.int8)
+    c = np.where(x < 0, -lev, lev).astype(np.int8)
+    if codes.dtype == np.uint8:
+        nibble_pack(c, codes)
+    else:
+        codes[:] = c
+
+
+def qsgd_dequantize(codes, norms, levels, bucket, out):
+    """Write ``code * norm / levels`` per element into ``out``."""
+    d = out.size
+    c = nibble_unpack(codes, d) if codes.dtype == np.uint8 else codes
+    step = np.repeat(norms / np.float32(levels), bucket)[:d]
+    out[:] = c.astype(np.float32) * step
+
+
+def lattice_encode(x, eps, q, out):
+    """Write ``round(x / eps) mod q`` into ``out``."""
+    k = np.rint(x.astype(np.float64) / eps)
+    out[:] = (k - q * np.floor(k * (1.0 / q))).astype(out.dtype)
+
+
+def lattice_decode(z, reference, eps, q, out):
+    """Write the decoded vector into ``out``; return how many coordinates hit the guard band."""
+    qeps = q * eps
+    t = eps * z.astype(np.float64)
+    b = reference.astype(np.float64)
+    xh = t + qeps * np.rint((b - t) / qeps)
+    out[:] = xh.astype(np.float32)
+    return int(np.count_nonzero(np.abs(xh - b) >= qeps * 0.5 - eps))
+
+
+def ef_sign_compress(g, error, out_packed):
+    """Pack ``sign(g + e)``, set ``e`` to the residual; return the scale ``|g + e|_1 / d``."""
+    p = g + error if error is not None else g
+    total = csum_segments(np.abs(p).astype(np.float64), max(p.size, 1))
+    scale = np.float32(total[0] / p.size) if p.size else np.float32(0)
+    out_packed[:] = np.packbits(p >= 0)
+    if error is not None:
+        error[:] = p - np.where(p >= 0, scale, -scale)
+    return float(scale)
+
+
+def all_finite(x):
+    """Return whether every element of ``x`` is finite."""
+    return bool(np.isfinite(x).all())

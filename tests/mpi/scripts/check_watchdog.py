@@ -1,0 +1,13 @@
+"""A blocking collective that one rank never joins must abort the job at its deadline."""
+
+import time
+
+from mpiopt.comm.transport import Transport
+
+t = Transport(timeout=1.0)
+t.step = 7
+if t.rank == 0:
+    time.sleep(30)  # never joins: the others' watchdog must end the job long before this
+else:
+    t.barrier()
+print("unreachable: the barrier returned", flush=True)
