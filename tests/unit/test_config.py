@@ -1,0 +1,144 @@
+"""Configuration: typing, ranges, registries, overrides, and the generated reference."""
+
+from pathlib import Path
+
+import pytest
+
+from mpiopt.config import (
+    ALGORITHMS, Config, RunConfig, build_section, config_from_dict, config_markdown, coerce,
+    load_config, parse_override,
+)
+from mpiopt.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE = {"problem": {"name": "softmax"}, "data": {"name": "digits"},
+        "algorithm": {"name": "allreduce"}}
+
+
+def error_of(fn, *args, **kw) -> str:
+    with pytest.raises(ConfigError) as exc:
+        fn(*args, **kw)
+    return str(exc.value)
+
+
+def test_defaults_and_types():
+    cfg = config_from_dict(BASE)
+    assert isinstance(cfg, Config) and cfg.run.steps == 200
+    assert cfg.algorithm.NAME == "allreduce" and cfg.algorithm.lr == 0.1
+    assert cfg.to_dict()["algorithm"]["name"] == "allreduce"
+
+
+@pytest.mark.parametrize("value,tp,expected", [
+    (3, int, 3), (3.0, int, 3), (2, float, 2.0), ("1e-3", float, 1e-3), (True, bool, True),
+    ("x", str, "x"), (None, int | None, None), ([1, 2], tuple[int, ...], (1, 2)),
+    (5, tuple[int, ...], (5,)),
+])
+def test_coerce_accepts(value, tp, expected):
+    assert coerce(value, tp, "k") == expected
+
+
+@pytest.mark.parametrize("value,tp", [
+    (True, int), (2.5, int), ("a", float), (1, bool), ("yes", bool), (3, str), ({}, float),
+    ([1, "a"], tuple[int, ...]),
+])
+def test_coerce_rejects_with_key(value, tp):
+    assert error_of(coerce, value, tp, "algorithm.x").startswith("algorithm.x: expected")
+
+
+@pytest.mark.parametrize("section,key,value,message", [
+    ("algorithm", "lr", -0.1, "algorithm.lr: must be in (0, inf), got -0.1"),
+    ("algorithm", "lr", 0, "algorithm.lr: must be in (0, inf), got 0.0"),
+    ("algorithm", "momentum", 1.0, "algorithm.momentum: must be in [0, 1), got 1.0"),
+    ("data", "batch_size", 0, "data.batch_size: must be in [1, inf), got 0"),
+    ("run", "target_accuracy", 1.5, "run.target_accuracy: must be in [0, 1], got 1.5"),
+    ("data", "partition", "zipf", "data.partition: 'zipf' is not one of: iid, dirichlet, "
+     "shards"),
+    ("algorithm", "schedule", "exp", "algorithm.schedule: 'exp' is not one of: constant, "
+     "step, cosine"),
+    ("algorithm", "lr", float("nan"), "algorithm.lr: must be finite, got nan"),
+])
+def test_out_of_range_values(section, key, value, message):
+    raw = {s: dict(v) for s, v in BASE.items()}
+    raw.setdefault(section, {})[key] = value
+    assert error_of(config_from_dict, raw) == message
+
+
+def test_unknown_names_list_the_valid_ones():
+    msg = error_of(config_from_dict, {**BASE, "algorithm": {"name": "adam"}})
+    assert msg == "algorithm.name: unknown algorithm 'adam'; valid: " + ", ".join(
+        ALGORITHMS.names())
+    assert "valid: mlp, softmax" in error_of(config_from_dict, {**BASE, "problem": {
+        "name": "cnn"}})
+    assert "valid: digits, hdf5, synthetic" in error_of(config_from_dict, {
+        **BASE, "data": {"name": "imagenet"}})
+    assert error_of(config_from_dict, {"problem": {"name": "mlp"}}).startswith(
+        "data.name: missing; valid:")
+
+
+def test_unknown_keys_and_sections():
+    msg = error_of(config_from_dict, {**BASE, "algorithm": {"name": "allreduce", "lrr": 1}})
+    assert msg.startswith("algorithm.lrr: unknown key for algorithm 'allreduce'; valid keys:")
+    assert "lr," in msg
+    assert error_of(config_from_dict, {**BASE, "optim": {}}) == (
+        "optim: unknown section; valid: problem, data, algorithm, run")
+    assert error_of(config_from_dict, {**BASE, "run": [1]}) == (
+        "run: must be a mapping of keys to values")
+
+
+def test_overrides_are_typed_and_name_switch_prunes():
+    cfg = config_from_dict(BASE, ["algorithm.lr=0.5", "run.steps=7", "problem.name=mlp",
+                                  "problem.hidden=[8, 4]"])
+    assert cfg.algorithm.lr == 0.5 and cfg.run.steps == 7 and cfg.problem.hidden == (8, 4)
+    raw = {**BASE, "algorithm": {"name": "local_sgd", "local_steps": 3}}
+    cfg = config_from_dict(raw, ["algorithm.name=allreduce"])
+    assert cfg.algorithm.NAME == "allreduce"
+    assert cfg.warnings == ("algorithm.local_steps does not apply to algorithm 'allreduce' "
+                            "and is ignored",)
+    # Without a name switch an unknown key is still an error.
+    assert "unknown key" in error_of(config_from_dict, raw, ["algorithm.lr=0.2",
+                                                             "algorithm.foo=1"])
+
+
+@pytest.mark.parametrize("text,message", [
+    ("lr=0.1", "--set: 'lr' is not section.key with section one of: problem, data, "
+     "algorithm, run"),
+    ("algorithm.lr", "--set: expected dotted.key=value, got 'algorithm.lr'"),
+    ("optim.lr=1", "--set: 'optim.lr' is not section.key with section one of: problem, "
+     "data, algorithm, run"),
+])
+def test_bad_overrides(text, message):
+    assert error_of(parse_override, text) == message
+
+
+def test_relations_between_keys():
+    msg = error_of(config_from_dict, {**BASE, "algorithm": {"name": "allreduce",
+                                                            "nesterov": True}})
+    assert msg == "algorithm.nesterov: needs algorithm.momentum > 0"
+
+
+def test_files(tmp_path):
+    assert error_of(load_config, str(tmp_path / "nope.yaml")) == (
+        f"config file not found: {tmp_path / 'nope.yaml'}")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("problem: [1\n")
+    assert error_of(load_config, str(bad)).startswith(f"invalid YAML in {bad} at line 2")
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    assert "top level must be a mapping" in error_of(load_config, str(listy))
+    assert "cannot read config file" in error_of(load_config, str(tmp_path))
+
+
+def test_shipped_configs_validate():
+    for path in sorted((ROOT / "jobs" / "configs").glob("*.yaml")):
+        load_config(str(path))
+
+
+def test_run_section_is_frozen():
+    run = build_section(RunConfig, {"steps": 5}, "run")
+    with pytest.raises(AttributeError):
+        run.steps = 6
+
+
+def test_reference_doc_is_current():
+    text = (ROOT / "docs" / "config.md").read_text()
+    assert text == config_markdown(), "regenerate: python -m mpiopt.config > docs/config.md"
