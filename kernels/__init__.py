@@ -1,0 +1,264 @@
+"""Per-element hot paths of the compressed algorithms, on numpy, numba and CuPy arrays.
+
+Every kernel has one signature and three implementations: :mod:`.reference` (numpy, the
+oracle), :mod:`.cpu` (numba, compiled on first call, cached on disk, parallel) and :mod:`.gpu`
+(CuPy raw kernels, compiled on first call, memoised per device). They agree bit for bit.
+Dispatch follows the input: a CuPy array runs on its device; a numpy array runs the numba
+kernel, or the numpy reference when it is shorter than :data:`SMALL` (thread start-up costs
+more than the work). ``backend="numpy" | "numba" | "cupy"`` forces one. Every kernel takes
+``out=`` so that a hot loop allocates nothing.
+
+Importing this package imports neither numba nor CuPy and compiles nothing.
+
+Conventions: vectors are 1-D float32; ``sign(0) = +1`` (bit set for ``x >= 0``, ``-0.0``
+included); bits are packed in ``numpy.packbits`` order (element 0 is the most significant bit
+of byte 0) and the tail of the last byte is zero; a tied vote is +1. Non-finite values are not
+checked here (NaN packs as -1): callers check with :func:`all_finite` first.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+
+from mpiopt.errors import ConfigError, MissingDependency
+
+from . import reference
+from ._common import (
+    BACKENDS,
+    check_eps,
+    check_qsgd,
+    derive_seed,
+    hash_keys,
+    lattice_dtype,
+    nbytes_nibbles,
+    nbytes_signs,
+)
+
+__all__ = [
+    "BACKENDS",
+    "SMALL",
+    "all_finite",
+    "array_module",
+    "derive_seed",
+    "ef_sign_compress",
+    "get_num_threads",
+    "is_cupy",
+    "lattice_decode",
+    "lattice_encode",
+    "majority_vote",
+    "pack_signs",
+    "qsgd_dequantize",
+    "qsgd_quantize",
+    "set_num_threads",
+    "unpack_signs",
+]
+
+SMALL = 1 << 14  # below this many elements numpy beats starting the numba threads
+
+
+def is_cupy(x) -> bool:
+    """Return whether ``x`` is a CuPy array (without importing CuPy)."""
+    return type(x).__module__.split(".")[0] == "cupy"
+
+
+def array_module(x):
+    """Return ``cupy`` for a CuPy array, else ``numpy``."""
+    return importlib.import_module("cupy") if is_cupy(x) else np
+
+
+def _gpu():
+    try:
+        importlib.import_module("cupy")
+    except ImportError as exc:
+        raise MissingDependency("the CuPy kernels", "cupy", "gpu") from exc
+    return importlib.import_module(".gpu", __name__)
+
+
+def _impl(x, size: int, backend: str | None):
+    """Return the backend module that runs a kernel on ``x`` of ``size`` elements."""
+    gpu = is_cupy(x)
+    if backend is None:
+        backend = "cupy" if gpu else ("numba" if size >= SMALL else "numpy")
+    elif backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if gpu != (backend == "cupy"):
+        raise TypeError(f"backend {backend!r} cannot run on a {type(x).__module__} array")
+    if backend == "numpy":
+        return reference
+    return _gpu() if gpu else importlib.import_module(".cpu", __name__)
+
+
+def _vector(x, xp, name: str, dtype=np.float32):
+    """Return ``x`` as a contiguous 1-D array of ``dtype`` or raise ``TypeError``."""
+    if x.dtype != dtype:
+        raise TypeError(f"{name} must be {np.dtype(dtype).name}, got {x.dtype}")
+    return xp.ascontiguousarray(x).reshape(-1)
+
+
+def _output(out, xp, shape, dtype, name: str = "out"):
+    """Return ``out`` checked for shape, dtype and contiguity, or a new array."""
+    if out is None:
+        return xp.empty(shape, dtype)
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or not out.flags.c_contiguous:
+        raise ValueError(f"{name} must be a contiguous {np.dtype(dtype).name} array of shape "
+                         f"{tuple(shape)}, got {out.dtype} {tuple(out.shape)}")
+    if is_cupy(out) != (xp is not np):
+        raise TypeError(f"{name} must live where the input lives")
+    return out
+
+
+def pack_signs(x, out=None, *, backend=None):
+    """Pack the signs of the float32 vector ``x`` into ``ceil(d/8)`` bytes (bit = ``x >= 0``)."""
+    xp = array_module(x)
+    x = _vector(x, xp, "x")
+    out = _output(out, xp, (nbytes_signs(x.size),), np.uint8)
+    _impl(x, x.size, backend).pack_signs(x, out)
+    return out
+
+
+def unpack_signs(packed, d: int, scale: float = 1.0, out=None, *, backend=None):
+    """Unpack ``d`` sign bits into float32 ``+scale`` (bit set) and ``-scale`` (clear)."""
+    xp = array_module(packed)
+    packed = _vector(packed, xp, "packed", np.uint8)
+    if packed.size != nbytes_signs(d):
+        raise ValueError(f"{d} signs need {nbytes_signs(d)} bytes, got {packed.size}")
+    out = _output(out, xp, (int(d),), np.float32)
+    _impl(packed, int(d), backend).unpack_signs(packed, int(d), float(scale), out)
+    return out
+
+
+def majority_vote(packed, out=None, *, backend=None):
+    """Return the packed vote ``sign(sum of signs)`` (ties to +1) of an ``(n, nbytes)`` stack."""
+    xp = array_module(packed)
+    if packed.ndim != 2 or packed.dtype != np.uint8 or packed.shape[0] < 1:
+        raise ValueError(f"packed must be a uint8 (n >= 1, nbytes) stack, got {packed.dtype} "
+                         f"{tuple(packed.shape)}")
+    packed = xp.ascontiguousarray(packed)
+    out = _output(out, xp, (packed.shape[1],), np.uint8)
+    _impl(packed, packed.size * 8, backend).majority_vote(packed, out)
+    return out
+
+
+def qsgd_quantize(x, levels: int, bucket: int, seed_or_state, *, packed: bool = False,
+                  out=None, norms_out=None, backend=None):
+    """Quantize ``x`` stochastically to ``levels`` per bucket; return ``(codes, norms)``.
+
+    Bucket ``b`` (elements ``b*bucket`` up to the next bucket) has the float32 norm
+    ``|x_b|_2``; element ``i`` gets the code ``sign(x_i) * l`` with ``l`` the stochastic
+    rounding of ``|x_i| * levels / norm`` (up with probability the fractional part), so that
+    ``code * norm / levels`` is unbiased. Codes are int8, or with ``packed`` (``levels <= 7``)
+    two 4-bit two's-complement codes per byte, first in the high nibble. The rounding draws
+    come from a counter hash of ``(seed, i)``: same seed, same codes, whatever the backend or
+    the thread count. ``seed_or_state`` is an int in ``[0, 2**64)`` (see :func:`derive_seed`)
+    or a numpy ``Generator`` (advanced by one draw).
+    """
+    xp = array_module(x)
+    x = _vector(x, xp, "x")
+    check_qsgd(levels, bucket, x.size)
+    if packed and levels > 7:
+        raise ValueError(f"4-bit packed codes need levels <= 7, got {levels}")
+    k0, k1 = hash_keys(seed_or_state)
+    shape, dtype = ((nbytes_nibbles(x.size),), np.uint8) if packed else ((x.size,), np.int8)
+    codes = _output(out, xp, shape, dtype)
+    norms = _output(norms_out, xp, (-(-x.size // int(bucket)),), np.float32, "norms_out")
+    _impl(x, x.size, backend).qsgd_quantize(x, int(levels), int(bucket), k0, k1, codes, norms)
+    return codes, norms
+
+
+def qsgd_dequantize(codes, norms, levels: int, bucket: int, d: int | None = None, *,
+                    out=None, backend=None):
+    """Return the float32 vector ``code * norm / levels`` of int8 or 4-bit packed codes.
+
+    uint8 ``codes`` are read as 4-bit packed, int8 as plain; the length ``d`` is needed for
+    packed codes unless ``out`` gives it.
+    """
+    xp = array_module(codes)
+    nib = codes.dtype == np.uint8
+    if d is None:
+        if nib and out is None:
+            raise ValueError("d (the vector length) is needed to unpack 4-bit codes")
+        d = out.size if out is not None else codes.size
+    d = int(d)
+    codes = _vector(codes, xp, "codes", np.uint8 if nib else np.int8)
+    if codes.size != (nbytes_nibbles(d) if nib else d):
+        raise ValueError(f"codes of size {codes.size} do not hold {d} elements")
+    check_qsgd(levels, bucket, d)
+    norms = _vector(norms, xp, "norms")
+    if norms.size != -(-d // int(bucket)):
+        raise ValueError(f"{d} elements in buckets of {bucket} need {-(-d // int(bucket))} "
+                         f"norms, got {norms.size}")
+    out = _output(out, xp, (d,), np.float32)
+    _impl(codes, d, backend).qsgd_dequantize(codes, norms, int(levels), int(bucket), out)
+    return out
+
+
+def lattice_encode(x, eps: float, q: int, out=None, *, backend=None):
+    """Encode ``z = round(x / eps) mod q`` (half to even; uint8 for ``q <= 256``, else uint16)."""
+    xp = array_module(x)
+    x = _vector(x, xp, "x")
+    out = _output(out, xp, (x.size,), lattice_dtype(q))
+    _impl(x, x.size, backend).lattice_encode(x, check_eps(eps), int(q), out)
+    return out
+
+
+def lattice_decode(z, reference, eps: float, q: int, out=None, *, backend=None):
+    """Decode lattice codes against ``reference``; return ``(x_hat, suspects)``.
+
+    ``x_hat = eps*z + q*eps*round((reference - eps*z) / (q*eps))`` (in float64, rounded to
+    float32) is within ``eps/2`` of the encoded ``x`` when ``|x - reference| < q*eps/2`` in
+    every coordinate. ``suspects`` counts the coordinates where
+    ``|x_hat - reference| >= q*eps/2 - eps``: the guard band where a violated bound shows up
+    (a violation makes ``x_hat`` jump by a multiple of ``q*eps``; the first crossing of a
+    drifting coordinate lands in the band). Zero suspects means every coordinate was decoded
+    from well inside the bound.
+    """
+    xp = array_module(z)
+    z = _vector(z, xp, "z", lattice_dtype(q))
+    ref = _vector(reference, xp, "reference")
+    if ref.size != z.size:
+        raise ValueError(f"reference has {ref.size} elements, codes have {z.size}")
+    out = _output(out, xp, (z.size,), np.float32)
+    count = _impl(z, z.size, backend).lattice_decode(z, ref, check_eps(eps), int(q), out)
+    return out, count
+
+
+def ef_sign_compress(g, error, out_packed, *, backend=None) -> float:
+    """Fuse error-feedback sign compression; return the scale ``|p|_1 / d`` (float32 value).
+
+    With ``p = g + error``: pack ``sign(p)`` into ``out_packed`` and set
+    ``error = p - scale * sign(p)`` in place. With ``error=None`` it packs ``sign(g)`` and
+    returns ``|g|_1 / d`` (scaled signSGD without feedback). ``|p|_1`` is the canonical float64
+    sum of :mod:`._common`, so the scale is the same on every backend.
+    """
+    xp = array_module(g)
+    g = _vector(g, xp, "g")
+    if error is not None:
+        if error.shape != g.shape or error.dtype != np.float32 or not error.flags.c_contiguous:
+            raise ValueError("error must be a contiguous float32 vector shaped like g")
+    out_packed = _output(out_packed, xp, (nbytes_signs(g.size),), np.uint8, "out_packed")
+    return _impl(g, g.size, backend).ef_sign_compress(g, error, out_packed)
+
+
+def all_finite(x, *, backend=None) -> bool:
+    """Return whether every element of ``x`` is finite (no NaN, no infinity)."""
+    if x.dtype.kind not in "fc":
+        return True
+    return _impl(x, x.size, backend).all_finite(x)
+
+
+def set_num_threads(n: int) -> None:
+    """Set the number of threads of the numba kernels (1 up to the cores numba was started on)."""
+    cpu = importlib.import_module(".cpu", __name__)
+    import numba
+
+    limit = numba.config.NUMBA_NUM_THREADS
+    if not isinstance(n, int) or not 1 <= n <= limit:
+        raise ConfigError(f"must be an integer in [1, {limit}], got {n!r}", key="threads")
+    cpu.set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    """Return the number of threads of the numba kernels."""
+    return importlib.import_module(".cpu", __name__).get_num_threads()

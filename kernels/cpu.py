@@ -16,7 +16,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from ._common import CHUNK, LANES, MIX_A, MIX_B, U24, vote_threshold
+from ._common import CHUNK, LANES, MIX_A, MIX_B, U24
 
 _SER = {"cache": True, "error_model": "numpy", "nogil": True}
 _PAR = dict(_SER, parallel=True)
@@ -129,7 +129,7 @@ def _vote_block(stack, planes, carry, out):
                 a = pk[i]
                 pk[i] = a ^ c[i]
                 c[i] = a & c[i]
-    add = (1 << m) - vote_threshold(n)  # count >= threshold  <=>  count + add carries out
+    add = (1 << m) - (n + 1) // 2  # count >= ceil(n/2)  <=>  count + add carries out
     c[:] = 0
     for k in range(m):
         pk = planes[k, :w]
@@ -258,17 +258,17 @@ def _quant_range(x, lo, hi, bucket, scs, s_f, k0, k1, codes):
 
 
 @njit(**_SER)
-def _emit(x, lo, hi, bucket, scs, s_f, k0, k1, codes, tmp):
-    """Quantize ``x[lo:hi]`` into int8 ``codes`` or, when they are uint8, into nibbles."""
-    if codes.dtype == np.int8:
+def _emit(x, lo, hi, bucket, scs, s_f, k0, k1, codes, tmp, nib):
+    """Quantize ``x[lo:hi]`` into int8 ``codes`` or, when ``nib``, into uint8 nibbles."""
+    if not nib:
         _quant_range(x, lo, hi, bucket, scs, s_f, k0, k1, codes[lo:hi])
     else:
         _quant_range(x, lo, hi, bucket, scs, s_f, k0, k1, tmp)
         _nibbles(tmp[: hi - lo], codes[lo // 2 : (hi + 1) // 2])
 
 
-@njit(**_SER)
-def _qsgd_small(x, s_f, bucket, k0, k1, codes, norms, scs):
+@njit(**_PAR)
+def _qsgd_small(x, s_f, bucket, k0, k1, codes, norms, scs, nib):
     """Quantize with buckets of at most CHUNK elements: norm and codes while in L1."""
     d = x.size
     per = max(1, BLOCK // bucket)
@@ -287,11 +287,12 @@ def _qsgd_small(x, s_f, bucket, k0, k1, codes, norms, scs):
                 norm = np.float32(np.sqrt(_lanesum_sq(x[s : min(d, s + bucket)], acc)))
                 norms[b] = norm
                 scs[b] = _scale(norm, s_f)
-            _emit(x, b0 * bucket, min(d, b1 * bucket), bucket, scs, s_f, k0, k1, codes, tmp)
+            _emit(x, b0 * bucket, min(d, b1 * bucket), bucket, scs, s_f, k0, k1, codes, tmp,
+                  nib)
 
 
-@njit(**_SER)
-def _qsgd_large(x, s_f, bucket, k0, k1, codes, norms, scs):
+@njit(**_PAR)
+def _qsgd_large(x, s_f, bucket, k0, k1, codes, norms, scs, nib):
     """Quantize with buckets longer than CHUNK: chunk partials, norms, then codes."""
     d = x.size
     nb = norms.size
@@ -318,18 +319,15 @@ def _qsgd_large(x, s_f, bucket, k0, k1, codes, norms, scs):
         lo, hi = _span(nblk, t, nt)
         for blk in range(lo, hi):
             _emit(x, blk * BLOCK, min(d, blk * BLOCK + BLOCK), bucket, scs, s_f, k0, k1,
-                  codes, tmp)
-
-
-_qsgd_small_par = njit(**_PAR)(_qsgd_small.py_func)
-_qsgd_large_par = njit(**_PAR)(_qsgd_large.py_func)
+                  codes, tmp, nib)
 
 
 def qsgd_quantize(x, levels, bucket, k0, k1, codes, norms):
     """Write QSGD codes (int8, or uint8 nibbles) and float32 bucket norms of ``x``."""
     scs = np.empty(norms.size, np.float32)
-    run = _qsgd_small_par if bucket <= CHUNK else _qsgd_large_par
-    run(x, np.float32(levels), bucket, np.uint32(k0), np.uint32(k1), codes, norms, scs)
+    run = _qsgd_small if bucket <= CHUNK else _qsgd_large
+    nib = codes.dtype == np.uint8
+    run(x, np.float32(levels), bucket, np.uint32(k0), np.uint32(k1), codes, norms, scs, nib)
 
 
 @njit(**_SER)
@@ -346,7 +344,7 @@ def _unnibble(p, out):
 
 
 @njit(**_PAR)
-def _dequantize(codes, norms, s_f, bucket, out):
+def _dequantize(codes, norms, s_f, bucket, out, nib):
     d = out.size
     nblk = (d + BLOCK - 1) // BLOCK
     nt = _ntasks(nblk)
@@ -356,11 +354,11 @@ def _dequantize(codes, norms, s_f, bucket, out):
         for blk in range(lo, hi):
             s = blk * BLOCK
             e = min(d, s + BLOCK)
-            if codes.dtype == np.int8:
-                c = codes[s:e]
-            else:
-                c = tmp[: e - s]
+            c = tmp[: e - s]
+            if nib:
                 _unnibble(codes[s // 2 : (e + 1) // 2], c)
+            else:
+                c[:] = codes[s:e]
             i = s
             while i < e:
                 b = i // bucket
@@ -375,7 +373,7 @@ def _dequantize(codes, norms, s_f, bucket, out):
 
 def qsgd_dequantize(codes, norms, levels, bucket, out):
     """Write ``code * norm / levels`` per element into ``out``."""
-    _dequantize(codes, norms, np.float32(levels), bucket, out)
+    _dequantize(codes, norms, np.float32(levels), bucket, out, codes.dtype == np.uint8)
 
 
 # ------------------------------------------------------------------------------- lattice
@@ -485,7 +483,7 @@ def _ef_sign(g, err, has_err, out):
     for t in prange(nt):
         acc = np.empty(LANES)
         m = np.empty(CHUNK, np.uint8)
-        pbuf = np.empty(CHUNK, g.dtype)
+        pbuf = np.empty(CHUNK, np.float32)
         lo, hi = _span(nch, t, nt)
         for c in range(lo, hi):
             s = c * CHUNK
@@ -512,7 +510,7 @@ def ef_sign_compress(g, error, out_packed):
 
 @njit(**_SER)
 def _max_exponent(u, mask):
-    m = u.dtype.type(0)
+    m = mask ^ mask
     for i in range(u.size):
         m = max(m, u[i] & mask)
     return m
