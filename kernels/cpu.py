@@ -34,8 +34,8 @@ def _span(n, t, nt):
 
 
 @njit(**_SER)
-def _ntasks(nblocks):
-    return min(numba.get_num_threads(), nblocks)
+def _ntasks(nblocks, nt):
+    return min(nt, nblocks)
 
 
 # ----------------------------------------------------------------------------------- signs
@@ -65,11 +65,10 @@ def _pack_block(x, out, tmp):
 
 
 @njit(**_PAR)
-def pack_signs(x, out):
-    """Write the packed bits of ``x >= 0`` into ``out``."""
+def _pack_signs(x, out, nth):
     d = x.size
     nblk = (d + BLOCK - 1) // BLOCK
-    nt = _ntasks(nblk)
+    nt = _ntasks(nblk, nth)
     for t in prange(nt):
         tmp = np.empty(BLOCK, np.uint8)
         lo, hi = _span(nblk, t, nt)
@@ -77,6 +76,11 @@ def pack_signs(x, out):
             s = b * BLOCK
             e = min(d, s + BLOCK)
             _pack_block(x[s:e], out[s // 8 : (e + 7) // 8], tmp)
+
+
+def pack_signs(x, out):
+    """Write the packed bits of ``x >= 0`` into ``out``."""
+    _pack_signs(x, out, numba.get_num_threads())
 
 
 @njit(**_SER)
@@ -92,17 +96,20 @@ def _unpack_block(packed, s, out):
 
 
 @njit(**_PAR)
-def unpack_signs(packed, d, scale, out):
-    """Write ``+scale`` for set bits and ``-scale`` for clear bits of ``packed`` into ``out``."""
-    s = np.float32(scale)
+def _unpack_signs(packed, d, s, out, nth):
     nblk = (d + BLOCK - 1) // BLOCK
-    nt = _ntasks(nblk)
+    nt = _ntasks(nblk, nth)
     for t in prange(nt):
         lo, hi = _span(nblk, t, nt)
         for b in range(lo, hi):
             st = b * BLOCK
             e = min(d, st + BLOCK)
             _unpack_block(packed[st // 8 : (e + 7) // 8], s, out[st:e])
+
+
+def unpack_signs(packed, d, scale, out):
+    """Write ``+scale`` for set bits and ``-scale`` for clear bits of ``packed`` into ``out``."""
+    _unpack_signs(packed, d, np.float32(scale), out, numba.get_num_threads())
 
 
 @njit(**_SER)
@@ -143,12 +150,11 @@ def _vote_block(stack, planes, carry, out):
 
 
 @njit(**_PAR)
-def majority_vote(stack, out):
-    """Write the packed vote ``sign(sum)`` (ties to +1) of the ``(n, nbytes)`` stack."""
+def _majority_vote(stack, out, nth):
     n, nbytes = stack.shape
     m = _bit_length(n)
     nblk = (nbytes + VOTE_BLOCK - 1) // VOTE_BLOCK
-    nt = _ntasks(nblk)
+    nt = _ntasks(nblk, nth)
     for t in prange(nt):
         planes = np.empty((m, VOTE_BLOCK), np.uint8)
         carry = np.empty(VOTE_BLOCK, np.uint8)
@@ -157,6 +163,11 @@ def majority_vote(stack, out):
             s = b * VOTE_BLOCK
             e = min(nbytes, s + VOTE_BLOCK)
             _vote_block(stack[:, s:e], planes, carry, out[s:e])
+
+
+def majority_vote(stack, out):
+    """Write the packed vote ``sign(sum)`` (ties to +1) of the ``(n, nbytes)`` stack."""
+    _majority_vote(stack, out, numba.get_num_threads())
 
 
 # ------------------------------------------------------------------------- canonical sums
@@ -268,13 +279,13 @@ def _emit(x, lo, hi, bucket, scs, s_f, k0, k1, codes, tmp, nib):
 
 
 @njit(**_PAR)
-def _qsgd_small(x, s_f, bucket, k0, k1, codes, norms, scs, nib):
+def _qsgd_small(x, s_f, bucket, k0, k1, codes, norms, scs, nib, nth):
     """Quantize with buckets of at most CHUNK elements: norm and codes while in L1."""
     d = x.size
     per = max(1, BLOCK // bucket)
     per += per % 2 if bucket % 2 else 0  # a block start must be even for nibble output
     nblk = (norms.size + per - 1) // per
-    nt = _ntasks(nblk)
+    nt = _ntasks(nblk, nth)
     for t in prange(nt):
         acc = np.empty(LANES)
         tmp = np.empty(per * bucket, np.int8)
@@ -292,13 +303,13 @@ def _qsgd_small(x, s_f, bucket, k0, k1, codes, norms, scs, nib):
 
 
 @njit(**_PAR)
-def _qsgd_large(x, s_f, bucket, k0, k1, codes, norms, scs, nib):
+def _qsgd_large(x, s_f, bucket, k0, k1, codes, norms, scs, nib, nth):
     """Quantize with buckets longer than CHUNK: chunk partials, norms, then codes."""
     d = x.size
     nb = norms.size
     cpb = (bucket + CHUNK - 1) // CHUNK
     partials = np.zeros((nb, cpb))
-    nt = _ntasks(nb * cpb)
+    nt = _ntasks(nb * cpb, nth)
     for t in prange(nt):
         acc = np.empty(LANES)
         lo, hi = _span(nb * cpb, t, nt)
@@ -313,7 +324,7 @@ def _qsgd_large(x, s_f, bucket, k0, k1, codes, norms, scs, nib):
         norms[b] = np.float32(np.sqrt(_lanesum(partials[b], acc)))
         scs[b] = _scale(norms[b], s_f)
     nblk = (d + BLOCK - 1) // BLOCK
-    nt = _ntasks(nblk)
+    nt = _ntasks(nblk, nth)
     for t in prange(nt):
         tmp = np.empty(BLOCK, np.int8)
         lo, hi = _span(nblk, t, nt)
@@ -327,7 +338,8 @@ def qsgd_quantize(x, levels, bucket, k0, k1, codes, norms):
     scs = np.empty(norms.size, np.float32)
     run = _qsgd_small if bucket <= CHUNK else _qsgd_large
     nib = codes.dtype == np.uint8
-    run(x, np.float32(levels), bucket, np.uint32(k0), np.uint32(k1), codes, norms, scs, nib)
+    run(x, np.float32(levels), bucket, np.uint32(k0), np.uint32(k1), codes, norms, scs, nib,
+        numba.get_num_threads())
 
 
 @njit(**_SER)
@@ -344,10 +356,10 @@ def _unnibble(p, out):
 
 
 @njit(**_PAR)
-def _dequantize(codes, norms, s_f, bucket, out, nib):
+def _dequantize(codes, norms, s_f, bucket, out, nib, nth):
     d = out.size
     nblk = (d + BLOCK - 1) // BLOCK
-    nt = _ntasks(nblk)
+    nt = _ntasks(nblk, nth)
     for t in prange(nt):
         tmp = np.empty(BLOCK, np.int8)
         lo, hi = _span(nblk, t, nt)
@@ -373,7 +385,8 @@ def _dequantize(codes, norms, s_f, bucket, out, nib):
 
 def qsgd_dequantize(codes, norms, levels, bucket, out):
     """Write ``code * norm / levels`` per element into ``out``."""
-    _dequantize(codes, norms, np.float32(levels), bucket, out, codes.dtype == np.uint8)
+    _dequantize(codes, norms, np.float32(levels), bucket, out, codes.dtype == np.uint8,
+                numba.get_num_threads())
 
 
 # ------------------------------------------------------------------------------- lattice
@@ -388,10 +401,10 @@ def _encode_seg(x, eps, qf, out):
 
 
 @njit(**_PAR)
-def _lattice_encode(x, eps, qf, out):
+def _lattice_encode(x, eps, qf, out, nth):
     d = x.size
     nblk = (d + BLOCK - 1) // BLOCK
-    nt = _ntasks(nblk)
+    nt = _ntasks(nblk, nth)
     for t in prange(nt):
         lo, hi = _span(nblk, t, nt)
         for b in range(lo, hi):
@@ -402,7 +415,7 @@ def _lattice_encode(x, eps, qf, out):
 
 def lattice_encode(x, eps, q, out):
     """Write ``round(x / eps) mod q`` into ``out``."""
-    _lattice_encode(x, float(eps), float(q), out)
+    _lattice_encode(x, float(eps), float(q), out, numba.get_num_threads())
 
 
 @njit(**_SER)
@@ -418,10 +431,10 @@ def _decode_seg(z, ref, eps, qeps, thr, out):
 
 
 @njit(**_PAR)
-def _lattice_decode(z, ref, eps, qeps, thr, out):
+def _lattice_decode(z, ref, eps, qeps, thr, out, nth):
     d = z.size
     nblk = (d + BLOCK - 1) // BLOCK
-    nt = _ntasks(nblk)
+    nt = _ntasks(nblk, nth)
     counts = np.zeros(max(nt, 1), np.int64)
     for t in prange(nt):
         lo, hi = _span(nblk, t, nt)
@@ -435,7 +448,8 @@ def _lattice_decode(z, ref, eps, qeps, thr, out):
 def lattice_decode(z, reference, eps, q, out):
     """Write the decoded vector into ``out``; return how many coordinates hit the guard band."""
     qeps = q * eps
-    return int(_lattice_decode(z, reference, float(eps), qeps, qeps * 0.5 - eps, out))
+    return int(_lattice_decode(z, reference, float(eps), qeps, qeps * 0.5 - eps, out,
+                               numba.get_num_threads()))
 
 
 # --------------------------------------------------------------------- error feedback, misc
@@ -475,11 +489,11 @@ def _residual(err, scale):
 
 
 @njit(**_PAR)
-def _ef_sign(g, err, has_err, out):
+def _ef_sign(g, err, has_err, out, nth):
     d = g.size
     nch = (d + CHUNK - 1) // CHUNK
     partials = np.zeros(nch)
-    nt = _ntasks(nch)
+    nt = _ntasks(nch, nth)
     for t in prange(nt):
         acc = np.empty(LANES)
         m = np.empty(CHUNK, np.uint8)
@@ -494,7 +508,7 @@ def _ef_sign(g, err, has_err, out):
     scale = np.float32(_lanesum(partials, np.empty(LANES)) / d) if d else np.float32(0)
     if has_err:
         nblk = (d + BLOCK - 1) // BLOCK
-        nt = _ntasks(nblk)
+        nt = _ntasks(nblk, nth)
         for t in prange(nt):
             lo, hi = _span(nblk, t, nt)
             for b in range(lo, hi):
@@ -505,7 +519,7 @@ def _ef_sign(g, err, has_err, out):
 def ef_sign_compress(g, error, out_packed):
     """Pack ``sign(g + e)``, set ``e`` to the residual; return the scale ``|g + e|_1 / d``."""
     err = error if error is not None else np.empty(0, g.dtype)
-    return float(_ef_sign(g, err, error is not None, out_packed))
+    return float(_ef_sign(g, err, error is not None, out_packed, numba.get_num_threads()))
 
 
 @njit(**_SER)
@@ -517,10 +531,10 @@ def _max_exponent(u, mask):
 
 
 @njit(**_PAR)
-def _finite_bits(u, mask):
+def _finite_bits(u, mask, nth):
     d = u.size
     nblk = (d + BLOCK - 1) // BLOCK
-    nt = _ntasks(nblk)
+    nt = _ntasks(nblk, nth)
     bad = np.zeros(max(nt, 1), np.bool_)
     for t in prange(nt):
         lo, hi = _span(nblk, t, nt)
@@ -534,10 +548,35 @@ def _finite_bits(u, mask):
 def all_finite(x):
     """Return whether every element of ``x`` is finite (exponent bits not all ones)."""
     if x.dtype == np.float32:
-        return bool(_finite_bits(x.reshape(-1).view(np.uint32), np.uint32(0x7F800000)))
-    if x.dtype == np.float64:
-        return bool(_finite_bits(x.reshape(-1).view(np.uint64), np.uint64(0x7FF0000000000000)))
-    return bool(np.isfinite(x).all())
+        bits, mask = x.reshape(-1).view(np.uint32), np.uint32(0x7F800000)
+    elif x.dtype == np.float64:
+        bits, mask = x.reshape(-1).view(np.uint64), np.uint64(0x7FF0000000000000)
+    else:
+        return bool(np.isfinite(x).all())
+    return bool(_finite_bits(bits, mask, numba.get_num_threads()))
+
+
+@njit(**_SER)
+def _copy_block(src, dst):
+    for i in range(src.size):
+        dst[i] = src[i]
+
+
+@njit(**_PAR)
+def _parallel_copy(src, dst, nth):
+    d = src.size
+    nblk = (d + BLOCK - 1) // BLOCK
+    nt = _ntasks(nblk, nth)
+    for t in prange(nt):
+        lo, hi = _span(nblk, t, nt)
+        for b in range(lo, hi):
+            e = min(d, b * BLOCK + BLOCK)
+            _copy_block(src[b * BLOCK : e], dst[b * BLOCK : e])
+
+
+def parallel_copy(src, dst):
+    """Copy ``src`` into ``dst`` with the numba threads (the benchmark's bandwidth probe)."""
+    _parallel_copy(src, dst, numba.get_num_threads())
 
 
 def set_num_threads(n: int) -> None:

@@ -105,7 +105,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_jobs(args) -> int:
-    from mpiopt.jobs import render_slurm, list_jobs
+    from mpiopt.jobs import list_jobs, render_slurm
 
     if args.what == "list":
         print(list_jobs())

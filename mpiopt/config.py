@@ -14,7 +14,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 import yaml
 
@@ -74,7 +74,7 @@ class Section:
     """Base of every configuration section: typed, validated, serialisable."""
 
     NAME: ClassVar[str] = ""
-    SHORTHAND: ClassVar[Optional[str]] = None  # key set by the 'name:value' form, if any
+    SHORTHAND: ClassVar[str | None] = None  # key set by the 'name:value' form, if any
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -116,7 +116,7 @@ class RunConfig(Section):
     eval_every: int = param(50, "Evaluate every this many steps; 0: only the final model.",
                             low=0)
     seed: int = param(0, "Seed of every random choice: init, data order, partition.", low=0)
-    out: Optional[str] = param(None, "Run directory; default runs/<algorithm>-<time>.")
+    out: str | None = param(None, "Run directory; default runs/<algorithm>-<time>.")
     overwrite: bool = param(False, "Replace an existing run directory.")
     quiet: bool = param(False, "No progress lines, only the final summary (batch logs).")
     progress_every_s: float = param(2.0, "Seconds between progress lines on rank 0.", low=0,
@@ -125,12 +125,12 @@ class RunConfig(Section):
                                low=16)
     comm_timeout_s: float = param(300.0, "Deadline of any single wait on communication.",
                                   low=0, low_open=True)
-    target_accuracy: Optional[float] = param(
+    target_accuracy: float | None = param(
         None, "Report the time and step at which test accuracy first reaches this.",
         low=0, high=1)
     device: str = param("cpu", "Where arrays live: cpu (numpy), gpu (CuPy), auto.",
                         choices=("cpu", "gpu", "auto"))
-    time_limit_s: Optional[float] = param(None, "Stop after this wall time (seconds).", low=0,
+    time_limit_s: float | None = param(None, "Stop after this wall time (seconds).", low=0,
                                           low_open=True)
 
 

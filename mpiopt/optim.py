@@ -9,8 +9,9 @@ nothing of model size.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 from mpiopt.backend import array_module
 

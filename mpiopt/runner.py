@@ -187,6 +187,7 @@ def run(config_path: str, sets=None, steps=None, seed=None, out=None, overwrite=
         quiet=False, transport: Transport | None = None) -> dict | None:
     """Run a configuration on every rank of the job; return the summary on rank 0."""
     transport = transport or Transport()
+    transport.reset_stats()
     faults = agree(transport, lambda: FaultInjector.from_env(transport.rank))
     cfg, out_dir = prepare(transport, config_path,
                            _overrides(sets, steps, seed, out, overwrite, quiet))

@@ -216,6 +216,24 @@ class SynchronousAlgorithm(Algorithm):
         """Evaluate rank 0's model on the test set (rank 0 holds it)."""
         return self.ctx.problem.evaluate(self.x) if self.ctx.rank == 0 else {}
 
+    def evaluate_average(self) -> dict:
+        """Evaluate the average of all ranks' models; add the consensus distance.
+
+        The consensus distance is the mean over ranks of ``|x_i - mean(x)|^2``. Uses the
+        optimizer's scratch and the gradient buffer, both free between steps.
+        """
+        ctx = self.ctx
+        avg = self.state.scratch
+        avg[...] = self.x
+        ctx.transport.allreduce(avg, Channel.EVAL)
+        avg *= 1.0 / ctx.size
+        diff = self.g
+        ctx.xp.subtract(self.x, avg, out=diff)
+        dist = ctx.transport.allreduce_scalar(float((diff * diff).sum()), channel=Channel.EVAL)
+        if ctx.rank != 0:
+            return {}
+        return {**ctx.problem.evaluate(avg), "consensus_distance": dist / ctx.size}
+
     def model(self):
         """Return the parameters to save as the run's final model."""
         return self.x

@@ -33,18 +33,7 @@ class LocalSGD(SynchronousAlgorithm):
             self.average()
 
     def evaluate(self, step: int) -> dict:
-        """Evaluate the average model; report how far the models are from it."""
-        ctx = self.ctx
-        avg = self.state.scratch
-        avg[...] = self.x
-        ctx.transport.allreduce(avg, Channel.EVAL)
-        avg *= 1.0 / ctx.size
-        diff = self.g
-        ctx.xp.subtract(self.x, avg, out=diff)
-        dist = ctx.transport.allreduce_scalar(float((diff * diff).sum()), channel=Channel.EVAL)
-        if ctx.rank != 0:
-            return {}
-        return {**ctx.problem.evaluate(avg), "consensus_distance": dist / ctx.size}
+        return self.evaluate_average()
 
 
 @ALGORITHMS.register("local_sgd")

@@ -14,7 +14,6 @@ then raises :class:`CommTimeout`.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import os
 import sys
@@ -70,22 +69,22 @@ class _Watchdog:
         self.current: tuple[float, str] | None = None
         self._thread: threading.Thread | None = None
 
-    def arm(self, deadline: float, what: str) -> None:
-        self.current = (deadline, what)
+    def arm(self, deadline: float, what: str, peer, channel, step: int, limit: float) -> None:
+        self.current = (deadline, what, peer, channel, step, limit)
         if self._thread is None:
             self._thread = threading.Thread(target=self._watch, daemon=True,
                                             name="mpiopt-watchdog")
             self._thread.start()
-
-    def disarm(self) -> None:
-        self.current = None
 
     def _watch(self) -> None:
         while True:
             time.sleep(0.25)
             current = self.current
             if current is not None and time.monotonic() > current[0]:
-                sys.stderr.write(f"mpiopt: rank {self.rank}: {current[1]}; aborting the job\n")
+                _, what, peer, channel, step, limit = current
+                sys.stderr.write(f"mpiopt: rank {self.rank}: {what} timed out after {limit:g} s "
+                                 f"(peer {peer}, tag {channel.name}, step {step}); "
+                                 "aborting the job\n")
                 sys.stderr.flush()
                 MPI.COMM_WORLD.Abort(3)
 
@@ -235,17 +234,20 @@ class Transport:
         if host is not buf and host is not None:
             buf.set(host)
 
-    @contextlib.contextmanager
-    def _guarded(self, what: str, peer, channel: Channel, sent: int, recv: int):
+    def _call(self, what: str, peer, channel: Channel, sent: int, recv: int, fn, *args,
+              **kwargs):
+        """Run one blocking MPI call under the watchdog's deadline and charge its channel."""
         t0 = time.perf_counter()
-        self._watchdog.arm(time.monotonic() + self.timeout,
-                           f"{what} timed out after {self.timeout:g} s (peer {peer}, "
-                           f"tag {channel.name}, step {self.step})")
+        dog = self._watchdog
+        dog.arm(time.monotonic() + self.timeout, what, peer, channel, self.step, self.timeout)
         try:
-            yield
+            return fn(*args, **kwargs)
         finally:
-            self._watchdog.disarm()
-            self._charge(channel, sent, recv, time.perf_counter() - t0)
+            dog.current = None
+            s = self.stats[channel]
+            s.sent += sent
+            s.recv += recv
+            s.seconds += time.perf_counter() - t0
 
     # ----------------------------------------------------------------- collectives
 
@@ -258,8 +260,8 @@ class Transport:
         n = self.size
         moved = int(2 * (n - 1) * _nbytes(buf) / n)
         host = self._host(buf)
-        with self._guarded("allreduce", "all", channel, moved, moved):
-            self.comm.Allreduce(MPI.IN_PLACE, host, op=_OPS[op])
+        self._call("allreduce", "all", channel, moved, moved, self.comm.Allreduce, MPI.IN_PLACE,
+                   host, op=_OPS[op])
         self._back(buf, host)
         return buf
 
@@ -268,9 +270,8 @@ class Transport:
         nb = _nbytes(buf)
         sent, recv = (nb, 0) if self.rank == root else (0, nb)
         host = self._host(buf)
-        with self._guarded("bcast", f"root {root}", channel, sent if self.size > 1 else 0,
-                           recv):
-            self.comm.Bcast(host, root=root)
+        self._call("bcast", f"root {root}", channel, sent if self.size > 1 else 0, recv,
+                   self.comm.Bcast, host, root=root)
         self._back(buf, host)
         return buf
 
@@ -278,8 +279,7 @@ class Transport:
         """Gather every rank's ``sendbuf`` into ``recvbuf`` (rank-major) on all ranks."""
         nb = _nbytes(sendbuf) * (self.size - 1)
         s, r = self._host(sendbuf), self._host(recvbuf)
-        with self._guarded("allgather", "all", channel, nb, nb):
-            self.comm.Allgather(s, r)
+        self._call("allgather", "all", channel, nb, nb, self.comm.Allgather, s, r)
         self._back(recvbuf, r)
         return recvbuf
 
@@ -287,8 +287,7 @@ class Transport:
         """Send block ``j`` of ``sendbuf`` to rank ``j``; receive rank ``i``'s into block i."""
         nb = _nbytes(sendbuf) * (self.size - 1) // max(self.size, 1)
         s, r = self._host(sendbuf), self._host(recvbuf)
-        with self._guarded("alltoall", "all", channel, nb, nb):
-            self.comm.Alltoall(s, r)
+        self._call("alltoall", "all", channel, nb, nb, self.comm.Alltoall, s, r)
         self._back(recvbuf, r)
         return recvbuf
 
@@ -299,16 +298,15 @@ class Transport:
         sent = 0 if self.rank == root else nb
         s = self._host(sendbuf)
         r = self._host(recvbuf) if self.rank == root else None
-        with self._guarded("gather", f"root {root}", channel, sent, root_recv):
-            self.comm.Gather(s, r, root=root)
+        self._call("gather", f"root {root}", channel, sent, root_recv, self.comm.Gather, s, r,
+                   root=root)
         if self.rank == root:
             self._back(recvbuf, r)
         return recvbuf
 
     def barrier(self, channel: Channel = Channel.CONTROL) -> None:
         """Wait for every rank (under the deadline)."""
-        with self._guarded("barrier", "all", channel, 0, 0):
-            self.comm.Barrier()
+        self._call("barrier", "all", channel, 0, 0, self.comm.Barrier)
 
     def allreduce_scalar(self, value: float, op: str = "sum",
                          channel: Channel = Channel.CONTROL) -> float:
@@ -319,13 +317,12 @@ class Transport:
 
     def allgather_obj(self, obj, channel: Channel = Channel.CONTROL) -> list:
         """Gather a small picklable object from every rank (control traffic)."""
-        with self._guarded("allgather_obj", "all", channel, 0, 0):
-            return self.comm.allgather(obj)
+        return self._call("allgather_obj", "all", channel, 0, 0, self.comm.allgather, obj)
 
     def bcast_obj(self, obj, root: int = 0, channel: Channel = Channel.CONTROL):
         """Broadcast a small picklable object from ``root`` (control traffic)."""
-        with self._guarded("bcast_obj", f"root {root}", channel, 0, 0):
-            return self.comm.bcast(obj, root=root)
+        return self._call("bcast_obj", f"root {root}", channel, 0, 0, self.comm.bcast, obj,
+                          root=root)
 
     # ----------------------------------------------------------------- point to point
 

@@ -166,3 +166,30 @@ def test_bad_fault_spec_is_a_user_error(tmp_path):
     assert res.stderr.strip() == ("mpiopt: error: MPIOPT_FAULT: unknown fault 'boom'; valid: "
                                   "raise, kill, nan, stall")
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("n,topology", [(1, "ring"), (3, "ring"), (4, "torus"),
+                                        (4, "hypercube"), (5, "random_regular:2")])
+def test_dpsgd_sync_gossips_with_neighbours(tmp_path, n, topology):
+    cfg = write_config(tmp_path, {"algorithm": {"name": "dpsgd_sync", "topology": topology}})
+    res = run(n, cfg, tmp_path / "d")
+    assert res.returncode == 0, res.stderr
+    summary = read_summary(tmp_path / "d")
+    from mpiopt.comm.topology import build_topology
+
+    top = build_topology(topology, n)
+    degree_sum = sum(top.degree(i) for i in range(n))
+    # Each step every rank sends its fp32 model to each neighbour.
+    assert summary["bytes_sent_total"] == 60 * degree_sum * 4 * summary["model_dim"]
+    with h5py.File(tmp_path / "d" / "metrics.h5", "r") as f:
+        dist = f["eval"]["consensus_distance"][()]
+    assert np.all(np.isfinite(dist)) and summary["final"]["accuracy"] > 0.6
+
+
+def test_topology_that_does_not_fit_the_world(tmp_path):
+    cfg = write_config(tmp_path, {"algorithm": {"name": "dpsgd_sync", "topology": "hypercube"}})
+    res = run(3, cfg, tmp_path / "h")
+    assert res.returncode == 2
+    assert res.stderr.startswith("mpiopt: error: algorithm.topology:")
+    assert res.stderr.count("\n") == 1 and "power-of-two number of ranks" in res.stderr
+    assert not (tmp_path / "h").exists()

@@ -5,8 +5,15 @@ from pathlib import Path
 import pytest
 
 from mpiopt.config import (
-    ALGORITHMS, Config, RunConfig, build_section, config_from_dict, config_markdown, coerce,
-    load_config, parse_override,
+    ALGORITHMS,
+    Config,
+    RunConfig,
+    build_section,
+    coerce,
+    config_from_dict,
+    config_markdown,
+    load_config,
+    parse_override,
 )
 from mpiopt.errors import ConfigError
 
