@@ -48,6 +48,8 @@ __all__ = [
     "lattice_decode",
     "lattice_encode",
     "majority_vote",
+    "nbytes_nibbles",
+    "nbytes_signs",
     "pack_signs",
     "qsgd_dequantize",
     "qsgd_quantize",
@@ -162,8 +164,9 @@ def qsgd_quantize(x, levels: int, bucket: int, seed_or_state, *, packed: bool = 
     k0, k1 = hash_keys(seed_or_state)
     shape, dtype = ((nbytes_nibbles(x.size),), np.uint8) if packed else ((x.size,), np.int8)
     codes = _output(out, xp, shape, dtype)
-    norms = _output(norms_out, xp, (-(-x.size // int(bucket)),), np.float32, "norms_out")
-    _impl(x, x.size, backend).qsgd_quantize(x, int(levels), int(bucket), k0, k1, codes, norms)
+    bucket = min(int(bucket), max(x.size, 1))  # same buckets, same sums; indices stay small
+    norms = _output(norms_out, xp, (-(-x.size // bucket),), np.float32, "norms_out")
+    _impl(x, x.size, backend).qsgd_quantize(x, int(levels), bucket, k0, k1, codes, norms)
     return codes, norms
 
 
@@ -185,34 +188,44 @@ def qsgd_dequantize(codes, norms, levels: int, bucket: int, d: int | None = None
     if codes.size != (nbytes_nibbles(d) if nib else d):
         raise ValueError(f"codes of size {codes.size} do not hold {d} elements")
     check_qsgd(levels, bucket, d)
+    bucket = min(int(bucket), max(d, 1))
     norms = _vector(norms, xp, "norms")
-    if norms.size != -(-d // int(bucket)):
-        raise ValueError(f"{d} elements in buckets of {bucket} need {-(-d // int(bucket))} "
-                         f"norms, got {norms.size}")
+    if norms.size != -(-d // bucket):
+        raise ValueError(f"{d} elements in buckets of {bucket} need {-(-d // bucket)} norms, "
+                         f"got {norms.size}")
     out = _output(out, xp, (d,), np.float32)
-    _impl(codes, d, backend).qsgd_dequantize(codes, norms, int(levels), int(bucket), out)
+    _impl(codes, d, backend).qsgd_dequantize(codes, norms, int(levels), bucket, out)
     return out
 
 
 def lattice_encode(x, eps: float, q: int, out=None, *, backend=None):
-    """Encode ``z = round(x / eps) mod q`` (half to even; uint8 for ``q <= 256``, else uint16)."""
+    """Encode ``z = round(x / eps) mod q``; return ``(z, checksum)``.
+
+    Rounding is half to even, in float64; ``z`` is uint8 for ``q <= 256``, else uint16
+    (``q`` a power of two up to ``2**16``). ``checksum`` (an int in ``[0, 2**64)``) is the
+    weighted sum of the lattice points ``round(x / eps)`` that :func:`lattice_decode` recomputes
+    on the receiving side (see :mod:`._common`): send it along with ``z``.
+    """
     xp = array_module(x)
     x = _vector(x, xp, "x")
     out = _output(out, xp, (x.size,), lattice_dtype(q))
-    _impl(x, x.size, backend).lattice_encode(x, check_eps(eps), int(q), out)
-    return out
+    checksum = _impl(x, x.size, backend).lattice_encode(x, check_eps(eps), int(q), out)
+    return out, checksum
 
 
 def lattice_decode(z, reference, eps: float, q: int, out=None, *, backend=None):
-    """Decode lattice codes against ``reference``; return ``(x_hat, suspects)``.
+    """Decode lattice codes against ``reference``; return ``(x_hat, suspects, checksum)``.
 
     ``x_hat = eps*z + q*eps*round((reference - eps*z) / (q*eps))`` (in float64, rounded to
-    float32) is within ``eps/2`` of the encoded ``x`` when ``|x - reference| < q*eps/2`` in
-    every coordinate. ``suspects`` counts the coordinates where
-    ``|x_hat - reference| >= q*eps/2 - eps``: the guard band where a violated bound shows up
-    (a violation makes ``x_hat`` jump by a multiple of ``q*eps``; the first crossing of a
-    drifting coordinate lands in the band). Zero suspects means every coordinate was decoded
-    from well inside the bound.
+    float32) is within ``eps/2`` of the encoded ``x`` (plus the float32 rounding of ``x_hat``)
+    when ``|x - reference| < q*eps/2`` in every coordinate. Two checks report a violation:
+
+    * ``suspects`` counts the coordinates in the guard band
+      ``|x_hat - reference| >= q*eps/2 - eps``, where a coordinate that just crossed the bound
+      lands (and where a legitimate one is about to cross it);
+    * ``checksum`` is recomputed from the decoded lattice points; it differs from the
+      sender's whenever any coordinate was decoded in the wrong window (always for a single
+      one; several wrong coordinates escape only if their errors cancel exactly).
     """
     xp = array_module(z)
     z = _vector(z, xp, "z", lattice_dtype(q))
@@ -220,8 +233,9 @@ def lattice_decode(z, reference, eps: float, q: int, out=None, *, backend=None):
     if ref.size != z.size:
         raise ValueError(f"reference has {ref.size} elements, codes have {z.size}")
     out = _output(out, xp, (z.size,), np.float32)
-    count = _impl(z, z.size, backend).lattice_decode(z, ref, check_eps(eps), int(q), out)
-    return out, count
+    suspects, checksum = _impl(z, z.size, backend).lattice_decode(z, ref, check_eps(eps),
+                                                                   int(q), out)
+    return out, suspects, checksum
 
 
 def ef_sign_compress(g, error, out_packed, *, backend=None) -> float:

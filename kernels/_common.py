@@ -14,6 +14,11 @@ for the kernels that reduce or draw random numbers:
   ``(key, i)``, not from a stateful generator, so the codes depend only on the seed, never on
   the thread count or the backend: ``h = mix(mix(i ^ k0) + k1)`` with ``mix`` Chris Wellons'
   ``lowbias32``, and ``u = (h >> 8) * 2**-24`` (24 random bits, exact in float32).
+* **Lattice checksum**. ``sum_i k_i * (lowbias32(i) | 1) mod 2**64`` over the lattice points
+  ``k_i = round(x_i / eps)``: integer arithmetic, so any summation order gives the same value.
+  The receiver recomputes it from the decoded points ``z_i + q * m_i``; a coordinate decoded in
+  the wrong window differs by ``q * delta`` with ``delta != 0``, which changes the sum unless
+  several errors cancel exactly (and one error never can: its weight is odd).
 """
 
 from __future__ import annotations
@@ -29,6 +34,11 @@ MASK64 = (1 << 64) - 1
 MAX_INDEX = 1 << 32  # QSGD's counter is a 32-bit element index
 
 BACKENDS = ("numpy", "numba", "cupy")
+
+# Lattice checksums work on int64 lattice points; absurd values (|x / eps| > 2**62) are
+# clamped, identically on every backend, so that the integer conversion is defined.
+K_CLIP = float(1 << 62)
+M_CLIP = float(1 << 46)  # window index: q * m stays below 2**62 for q <= 2**16
 
 
 def splitmix64(z: int) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._common import CHUNK, LANES, MIX_A, MIX_B, U24, vote_threshold
+from ._common import CHUNK, K_CLIP, LANES, M_CLIP, MIX_A, MIX_B, U24, vote_threshold
 
 
 def lanesum(v: np.ndarray) -> np.ndarray:
@@ -131,20 +131,30 @@ def qsgd_dequantize(codes, norms, levels, bucket, out):
     out[:] = c.astype(np.float32) * step
 
 
+def checksum(k: np.ndarray) -> int:
+    """Return ``sum(k_i * w_i) mod 2**64`` of int64 lattice points, ``w_i = lowbias32(i) | 1``."""
+    w = mix32(np.arange(k.size, dtype=np.uint32)).astype(np.uint64) | np.uint64(1)
+    return int(np.sum(k.astype(np.uint64) * w, dtype=np.uint64))
+
+
 def lattice_encode(x, eps, q, out):
-    """Write ``round(x / eps) mod q`` into ``out``."""
+    """Write ``round(x / eps) mod q`` into ``out``; return the checksum of ``round(x / eps)``."""
     k = np.rint(x.astype(np.float64) / eps)
     out[:] = (k - q * np.floor(k * (1.0 / q))).astype(out.dtype)
+    return checksum(np.clip(k, -K_CLIP, K_CLIP).astype(np.int64))
 
 
 def lattice_decode(z, reference, eps, q, out):
-    """Write the decoded vector into ``out``; return how many coordinates hit the guard band."""
+    """Write the decoded vector into ``out``; return the guard-band count and the checksum."""
     qeps = q * eps
     t = eps * z.astype(np.float64)
     b = reference.astype(np.float64)
-    xh = t + qeps * np.rint((b - t) / qeps)
+    m = np.rint((b - t) / qeps)
+    xh = t + qeps * m
     out[:] = xh.astype(np.float32)
-    return int(np.count_nonzero(np.abs(xh - b) >= qeps * 0.5 - eps))
+    suspects = int(np.count_nonzero(np.abs(xh - b) >= qeps * 0.5 - eps))
+    k = z.astype(np.int64) + q * np.clip(m, -M_CLIP, M_CLIP).astype(np.int64)
+    return suspects, checksum(k)
 
 
 def ef_sign_compress(g, error, out_packed):

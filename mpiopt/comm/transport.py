@@ -70,6 +70,7 @@ class _Watchdog:
         self._thread: threading.Thread | None = None
 
     def arm(self, deadline: float, what: str, peer, channel, step: int, limit: float) -> None:
+        """Watch one blocking call that must end by ``deadline`` (``perf_counter`` time)."""
         self.current = (deadline, what, peer, channel, step, limit)
         if self._thread is None:
             self._thread = threading.Thread(target=self._watch, daemon=True,
@@ -80,7 +81,7 @@ class _Watchdog:
         while True:
             time.sleep(0.25)
             current = self.current
-            if current is not None and time.monotonic() > current[0]:
+            if current is not None and time.perf_counter() > current[0]:
                 _, what, peer, channel, step, limit = current
                 sys.stderr.write(f"mpiopt: rank {self.rank}: {what} timed out after {limit:g} s "
                                  f"(peer {peer}, tag {channel.name}, step {step}); "
@@ -179,14 +180,14 @@ class Transport:
         self.timeout = float(timeout)
         self.cuda_aware = cuda_aware
         self.step = -1
-        self.stats = {c: ChannelStats() for c in Channel}
+        self.reset_stats()
         self._watchdog = _Watchdog(MPI.COMM_WORLD.Get_rank())
         self._staging: dict = {}
 
     # ----------------------------------------------------------------- accounting
 
     def _charge(self, channel: Channel, sent: int, recv: int, seconds: float) -> None:
-        s = self.stats[channel]
+        s = self._slots[channel]
         s.sent += sent
         s.recv += recv
         s.seconds += seconds
@@ -205,7 +206,10 @@ class Transport:
 
     def reset_stats(self) -> None:
         """Zero every channel's counters."""
-        self.stats = {c: ChannelStats() for c in Channel}
+        # A list indexed by tag on the hot path (hashing an enum member runs Python code);
+        # ``stats`` maps each Channel to the same objects for readers.
+        self._slots = [ChannelStats() for _ in range(max(Channel) + 1)]
+        self.stats = {c: self._slots[c] for c in Channel}
 
     # ----------------------------------------------------------------- GPU safety
 
@@ -237,14 +241,14 @@ class Transport:
     def _call(self, what: str, peer, channel: Channel, sent: int, recv: int, fn, *args,
               **kwargs):
         """Run one blocking MPI call under the watchdog's deadline and charge its channel."""
-        t0 = time.perf_counter()
         dog = self._watchdog
-        dog.arm(time.monotonic() + self.timeout, what, peer, channel, self.step, self.timeout)
+        t0 = time.perf_counter()
+        dog.arm(t0 + self.timeout, what, peer, channel, self.step, self.timeout)
         try:
             return fn(*args, **kwargs)
         finally:
             dog.current = None
-            s = self.stats[channel]
+            s = self._slots[channel]
             s.sent += sent
             s.recv += recv
             s.seconds += time.perf_counter() - t0
@@ -371,6 +375,11 @@ _OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "prod": MPI.PROD,
 def raw_allreduce(transport: Transport, buf) -> None:
     """Sum ``buf`` in place with a bare mpi4py ``Allreduce`` (the benchmarks' reference)."""
     transport.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+
+
+def self_transport(timeout: float = DEFAULT_TIMEOUT_S) -> Transport:
+    """Return a transport over this process alone (``COMM_SELF``)."""
+    return Transport(MPI.COMM_SELF, timeout)
 
 
 def world_rank() -> int:
