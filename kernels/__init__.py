@@ -4,9 +4,10 @@ Every kernel has one signature and three implementations: :mod:`.reference` (num
 oracle), :mod:`.cpu` (numba, compiled on first call, cached on disk, parallel) and :mod:`.gpu`
 (CuPy raw kernels, compiled on first call, memoised per device). They agree bit for bit.
 Dispatch follows the input: a CuPy array runs on its device; a numpy array runs the numba
-kernel, or the numpy reference when it is shorter than :data:`SMALL` (thread start-up costs
-more than the work). ``backend="numpy" | "numba" | "cupy"`` forces one. Every kernel takes
-``out=`` so that a hot loop allocates nothing.
+kernel, or the numpy reference when it is shorter than :data:`SMALL` (:data:`SMALL_STREAMING`
+for pack and the finiteness check), where starting the threads costs more than the work.
+``backend="numpy" | "numba" | "cupy"`` forces one. Every kernel takes ``out=`` so that a hot
+loop allocates nothing.
 
 Importing this package imports neither numba nor CuPy and compiles nothing.
 
@@ -39,6 +40,7 @@ from ._common import (
 __all__ = [
     "BACKENDS",
     "SMALL",
+    "SMALL_STREAMING",
     "all_finite",
     "array_module",
     "derive_seed",
@@ -57,7 +59,10 @@ __all__ = [
     "unpack_signs",
 ]
 
-SMALL = 1 << 14  # below this many elements numpy beats starting the numba threads
+# Below this many elements the numpy reference is faster than starting the numba threads:
+# about a thousand for most kernels, far more where numpy has a fused single-pass routine.
+SMALL = 1 << 10
+SMALL_STREAMING = 1 << 17  # pack_signs (numpy.packbits) and all_finite (numpy.isfinite)
 
 
 def is_cupy(x) -> bool:
@@ -78,11 +83,11 @@ def _gpu():
     return importlib.import_module(".gpu", __name__)
 
 
-def _impl(x, size: int, backend: str | None):
+def _impl(x, size: int, backend: str | None, small: int = SMALL):
     """Return the backend module that runs a kernel on ``x`` of ``size`` elements."""
     gpu = is_cupy(x)
     if backend is None:
-        backend = "cupy" if gpu else ("numba" if size >= SMALL else "numpy")
+        backend = "cupy" if gpu else ("numba" if size >= small else "numpy")
     elif backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if gpu != (backend == "cupy"):
@@ -116,7 +121,7 @@ def pack_signs(x, out=None, *, backend=None):
     xp = array_module(x)
     x = _vector(x, xp, "x")
     out = _output(out, xp, (nbytes_signs(x.size),), np.uint8)
-    _impl(x, x.size, backend).pack_signs(x, out)
+    _impl(x, x.size, backend, SMALL_STREAMING).pack_signs(x, out)
     return out
 
 
@@ -249,8 +254,11 @@ def ef_sign_compress(g, error, out_packed, *, backend=None) -> float:
     xp = array_module(g)
     g = _vector(g, xp, "g")
     if error is not None:
-        if error.shape != g.shape or error.dtype != np.float32 or not error.flags.c_contiguous:
-            raise ValueError("error must be a contiguous float32 vector shaped like g")
+        if error.size != g.size or error.dtype != np.float32 or not error.flags.c_contiguous:
+            raise ValueError("error must be a contiguous float32 vector as long as g")
+        if is_cupy(error) != is_cupy(g):
+            raise TypeError("error must live where g lives")
+        error = error.reshape(-1)
     out_packed = _output(out_packed, xp, (nbytes_signs(g.size),), np.uint8, "out_packed")
     return _impl(g, g.size, backend).ef_sign_compress(g, error, out_packed)
 
@@ -259,7 +267,7 @@ def all_finite(x, *, backend=None) -> bool:
     """Return whether every element of ``x`` is finite (no NaN, no infinity)."""
     if x.dtype.kind not in "fc":
         return True
-    return _impl(x, x.size, backend).all_finite(x)
+    return _impl(x, x.size, backend, SMALL_STREAMING).all_finite(x)
 
 
 def set_num_threads(n: int) -> None:

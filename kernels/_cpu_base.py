@@ -10,6 +10,8 @@ calling ``numba.get_num_threads`` inside a kernel would make it uncacheable.
 
 Functions are compiled on first call (``cache=True`` keeps the machine code on disk); importing
 these modules compiles nothing. ``error_model="numpy"`` keeps float division free of checks.
+Numba's disk cache checks only the file of the cached function, not the modules it calls:
+after editing this module, delete ``kernels/__pycache__/*.nb[ic]`` so that callers recompile.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ def _bits_to_bytes(m, out):
 
 @njit(**_SER)
 def _tree(acc):
+    """Combine the 32 lane sums by ``acc[j] += acc[j + off]``, off = 16 .. 1; return acc[0]."""
     off = LANES // 2
     while off:
         for j in range(off):
@@ -97,6 +100,7 @@ def _lanesum(v, acc):
 
 @njit(**_SER)
 def _mix(h):
+    """Return ``lowbias32(h)`` (uint32, wrapping)."""
     h = np.uint32(h ^ (h >> np.uint32(16)))
     h = np.uint32(h * np.uint32(MIX_A))
     h = np.uint32(h ^ (h >> np.uint32(15)))
@@ -106,6 +110,7 @@ def _mix(h):
 
 @njit(**_SER)
 def _wrapsum(v):
+    """Return the sum of the uint64 values ``v`` modulo 2**64."""
     acc = np.uint64(0)
     for i in range(v.size):
         acc += v[i]

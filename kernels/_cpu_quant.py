@@ -23,25 +23,22 @@ from ._cpu_base import (
 
 
 @njit(**_SER)
-def _scale(norm, s_f):
-    if not norm > 0:
-        return np.float32(0)
-    sc = s_f / norm
-    return sc if sc < np.inf else np.float32(0)
+def _scale(norm, s):
+    return s / np.float64(norm) if norm > 0 else 0.0
 
 
 @njit(**_SER)
 def _quant_seg(v, i0, sc, s_f, k0, k1, codes):
     """Write the codes of ``v`` (global index of ``v[0]`` is ``i0``) with factor ``sc``."""
     for i in range(v.size):
-        r = abs(v[i]) * sc
+        r = np.float64(abs(v[i])) * sc
         if r > s_f:
             r = s_f
         low = np.floor(r)
         h = _mix(np.uint32(_mix(np.uint32(np.uint32(i0 + i) ^ k0)) + k1))
-        u = np.float32(h >> np.uint32(8)) * U24
+        u = np.float64(h >> np.uint32(8)) * U24
         lev = np.int8(low) + np.int8(u < r - low)
-        codes[i] = -lev if v[i] < 0 else lev
+        codes[i] = -lev if v[i] < 0 else lev  # -0.0 has lev 0: same as testing the sign bit
 
 
 @njit(**_SER)
@@ -132,10 +129,10 @@ def _qsgd_large(x, s_f, bucket, k0, k1, codes, norms, scs, nib, nth):
 
 def qsgd_quantize(x, levels, bucket, k0, k1, codes, norms):
     """Write QSGD codes (int8, or uint8 nibbles) and float32 bucket norms of ``x``."""
-    scs = np.empty(norms.size, np.float32)
+    scs = np.empty(norms.size, np.float64)
     run = _qsgd_small if bucket <= CHUNK else _qsgd_large
     nib = codes.dtype == np.uint8
-    run(x, np.float32(levels), bucket, np.uint32(k0), np.uint32(k1), codes, norms, scs, nib,
+    run(x, np.float64(levels), bucket, np.uint32(k0), np.uint32(k1), codes, norms, scs, nib,
         numba.get_num_threads())
 
 
@@ -159,11 +156,11 @@ def _deq_range(c, lo, hi, bucket, norms, s_f, out):
     while i < hi:
         b = i // bucket
         j = min(hi, (b + 1) * bucket)
-        step = norms[b] / s_f
+        step = np.float64(norms[b]) / s_f
         ci = c[i - lo : j - lo]
         o = out[i:j]
         for k in range(j - i):
-            o[k] = np.float32(ci[k]) * step
+            o[k] = np.float32(np.float64(ci[k]) * step)
         i = j
 
 
@@ -187,7 +184,7 @@ def _dequantize(codes, norms, s_f, bucket, out, nib, nth):
 
 def qsgd_dequantize(codes, norms, levels, bucket, out):
     """Write ``code * norm / levels`` per element into ``out``."""
-    _dequantize(codes, norms, np.float32(levels), bucket, out, codes.dtype == np.uint8,
+    _dequantize(codes, norms, np.float64(levels), bucket, out, codes.dtype == np.uint8,
                 numba.get_num_threads())
 
 

@@ -1,12 +1,20 @@
 """CUDA C source of the CuPy kernels (a plain string: importing this compiles nothing).
 
 Written to give the same bits as :mod:`.reference`: the options turn off FMA contraction and
-fast math (IEEE division, square root and denormals), warps implement the canonical 32-lane
-sums with ``__shfl_down_sync``, sign bits are gathered with ``__ballot_sync`` and put in
+ask for IEEE division and square root; warps implement the canonical 32-lane sums with
+``__shfl_down_sync``; sign bits are gathered with ``__ballot_sync`` and put in
 ``numpy.packbits`` order by reversing the bits (``__brev``) and then the bytes of the word.
+
+CuPy compiles every raw module with ``-ftz=true`` appended after the caller's options, so
+single-precision instructions flush subnormals to zero. The kernels therefore never let a
+subnormal float32 meet a float32 instruction: signs are read from the bits, float32 values
+enter float64 arithmetic through ``f2d`` and leave it through ``d2f`` (both exact for
+subnormals, done with integer arithmetic), and float32 sums are computed in float64 and
+rounded once (exact: a double holds the sum of two floats closely enough that the rounding to
+float equals the IEEE float32 addition). Double-precision instructions never flush.
 """
 
-OPTIONS = ("--fmad=false", "--ftz=false", "--prec-div=true", "--prec-sqrt=true", "-std=c++14")
+OPTIONS = ("--fmad=false", "--prec-div=true", "--prec-sqrt=true", "-std=c++14")
 
 SOURCE = r"""
 typedef long long i64;
@@ -18,13 +26,35 @@ typedef unsigned char u8;
 #define NTHREADS ((i64)gridDim.x * blockDim.x)
 #define LANE (threadIdx.x & 31)
 
+// float32 -> float64, exact for subnormals too (cvt.ftz would flush them).
+__device__ __forceinline__ double f2d(float v) {
+    u32 b = __float_as_uint(v);
+    if ((b & 0x7f800000u) != 0u) return (double)v;
+    double m = (double)(b & 0x7fffffu) * 1.4012984643248171e-45;  // 2^-149
+    return (b >> 31) ? -m : m;
+}
+
+// float64 -> float32 rounded to nearest even, exact for subnormal results too.
+__device__ __forceinline__ float d2f(double v) {
+    double a = fabs(v);
+    if (!(a < 1.1754943508222875e-38)) return (float)v;  // 2^-126: a normal result
+    u32 m = (u32)rint(a * 7.1362384635297994e+44);  // 2^149
+    return __uint_as_float(m | (signbit(v) ? 0x80000000u : 0u));
+}
+
+// x >= 0 from the bits (sign(0) = sign(-0) = +1; NaN false), immune to flushing.
+__device__ __forceinline__ bool nonneg(float v) {
+    u32 b = __float_as_uint(v);
+    return b == 0x80000000u || ((b >> 31) == 0u && b <= 0x7f800000u);
+}
+
 __device__ __forceinline__ u32 mix32(u32 h) {
     h ^= h >> 16; h *= 0x7feb352du; h ^= h >> 15; h *= 0x846ca68bu; h ^= h >> 16;
     return h;
 }
 
-__device__ __forceinline__ float uniform24(u32 i, u32 k0, u32 k1) {
-    return (float)(mix32(mix32(i ^ k0) + k1) >> 8) * 5.9604644775390625e-08f;
+__device__ __forceinline__ double uniform24(u32 i, u32 k0, u32 k1) {
+    return (double)(mix32(mix32(i ^ k0) + k1) >> 8) * 5.9604644775390625e-08;
 }
 
 // a[j] += a[j + off] for off = 16, 8, 4, 2, 1: lane 0 ends with the canonical sum.
@@ -40,7 +70,8 @@ __device__ __forceinline__ u32 ballot_bytes(bool bit) {
 
 __device__ __forceinline__ double lanesum_sq(const float* v, i64 n) {
     double acc = 0.0;
-    for (i64 i = LANE; i < n; i += 32) { double y = (double)v[i]; acc += y * y; }
+#pragma unroll 4
+    for (i64 i = LANE; i < n; i += 32) { double y = f2d(v[i]); acc += y * y; }
     return warp_tree(acc);
 }
 
@@ -50,38 +81,47 @@ __device__ __forceinline__ double lanesum(const double* v, i64 n) {
     return warp_tree(acc);
 }
 
-__device__ __forceinline__ float qscale(float norm, float s_f) {
-    if (!(norm > 0.0f)) return 0.0f;
-    float sc = s_f / norm;
-    return isinf(sc) ? 0.0f : sc;
+__device__ __forceinline__ double qscale(float norm, double s) {
+    double n = f2d(norm);
+    return n > 0.0 ? s / n : 0.0;
 }
 
-__device__ __forceinline__ int quant1(float v, u32 i, float sc, float s_f, u32 k0, u32 k1) {
-    float r = fabsf(v) * sc;
-    if (r > s_f) r = s_f;
-    float low = floorf(r);
+__device__ __forceinline__ int quant1(float v, u32 i, double sc, double s, u32 k0, u32 k1) {
+    double r = fabs(f2d(v)) * sc;
+    if (r > s) r = s;
+    double low = floor(r);
     int lev = (int)low + (uniform24(i, k0, k1) < r - low ? 1 : 0);
-    return v < 0.0f ? -lev : lev;
+    return (__float_as_uint(v) >> 31) ? -lev : lev;
 }
 
 extern "C" __global__ void copy_f32(const float* __restrict__ x, float* __restrict__ y, i64 d) {
     for (i64 i = TID; i < d; i += NTHREADS) y[i] = x[i];
 }
 
+// A warp takes PACK_WORDS consecutive 32-element words per step, all loads issued first.
+#define PACK_WORDS 4
 extern "C" __global__ void pack_signs(const float* __restrict__ x, u8* __restrict__ out, i64 d) {
     i64 nbytes = (d + 7) >> 3, nwords = (d + 31) >> 5;
-    for (i64 w = TID >> 5; w < nwords; w += NTHREADS >> 5) {
-        i64 i = (w << 5) + LANE;
-        u32 v = ballot_bytes(i < d && x[i] >= 0.0f);
-        i64 o = (w << 2) + LANE;
-        if (LANE < 4 && o < nbytes) out[o] = (u8)(v >> (8 * LANE));
+    for (i64 w0 = (TID >> 5) * PACK_WORDS; w0 < nwords; w0 += (NTHREADS >> 5) * PACK_WORDS) {
+        bool bit[PACK_WORDS];
+#pragma unroll
+        for (int u = 0; u < PACK_WORDS; ++u) {
+            i64 i = ((w0 + u) << 5) + LANE;
+            bit[u] = i < d && nonneg(x[i]);
+        }
+#pragma unroll
+        for (int u = 0; u < PACK_WORDS; ++u) {
+            u32 v = ballot_bytes(bit[u]);
+            i64 o = ((w0 + u) << 2) + LANE;
+            if (LANE < 4 && o < nbytes) out[o] = (u8)(v >> (8 * LANE));
+        }
     }
 }
 
 extern "C" __global__ void unpack_signs(const u8* __restrict__ p, float* __restrict__ out,
-                                        i64 d, float s) {
+                                        i64 d, float pos, float neg) {
     for (i64 i = TID; i < d; i += NTHREADS)
-        out[i] = ((p[i >> 3] >> (7 - (i & 7))) & 1u) ? s : -s;
+        out[i] = ((p[i >> 3] >> (7 - (i & 7))) & 1u) ? pos : neg;
 }
 
 extern "C" __global__ void majority_vote(const u8* __restrict__ st, u8* __restrict__ out,
@@ -102,13 +142,13 @@ extern "C" __global__ void majority_vote(const u8* __restrict__ st, u8* __restri
 // Buckets of at most CHUNK elements: one warp per bucket, norm then int8 codes (from cache).
 extern "C" __global__ void qsgd_fused(const float* __restrict__ x, signed char* __restrict__ codes,
                                       float* __restrict__ norms, i64 d, i64 bucket, i64 nb,
-                                      float s_f, u32 k0, u32 k1, int write_codes) {
+                                      double s_f, u32 k0, u32 k1, int write_codes) {
     for (i64 b = TID >> 5; b < nb; b += NTHREADS >> 5) {
         i64 s = b * bucket, n = min(bucket, d - s);
-        float norm = (float)sqrt(lanesum_sq(x + s, n));
+        float norm = d2f(sqrt(lanesum_sq(x + s, n)));
         if (LANE == 0) norms[b] = norm;
         if (!write_codes) continue;
-        float sc = qscale(norm, s_f);
+        double sc = qscale(norm, s_f);
         for (i64 i = LANE; i < n; i += 32)
             codes[s + i] = (signed char)quant1(x[s + i], (u32)(s + i), sc, s_f, k0, k1);
     }
@@ -130,22 +170,22 @@ extern "C" __global__ void qsgd_partials(const float* __restrict__ x, double* __
 extern "C" __global__ void qsgd_norms(const double* __restrict__ part, float* __restrict__ norms,
                                       i64 nb, i64 cpb) {
     for (i64 b = TID >> 5; b < nb; b += NTHREADS >> 5) {
-        float norm = (float)sqrt(lanesum(part + b * cpb, cpb));
+        float norm = d2f(sqrt(lanesum(part + b * cpb, cpb)));
         if (LANE == 0) norms[b] = norm;
     }
 }
 
 extern "C" __global__ void qsgd_codes(const float* __restrict__ x, const float* __restrict__ norms,
                                       signed char* __restrict__ codes, i64 d, u32 bucket,
-                                      float s_f, u32 k0, u32 k1) {
+                                      double s_f, u32 k0, u32 k1) {
     for (i64 i = TID; i < d; i += NTHREADS) {
-        float sc = qscale(norms[(u32)i / bucket], s_f);
+        double sc = qscale(norms[(u32)i / bucket], s_f);
         codes[i] = (signed char)quant1(x[i], (u32)i, sc, s_f, k0, k1);
     }
 }
 
 extern "C" __global__ void qsgd_codes4(const float* __restrict__ x, const float* __restrict__ norms,
-                                       u8* __restrict__ out, i64 d, u32 bucket, float s_f,
+                                       u8* __restrict__ out, i64 d, u32 bucket, double s_f,
                                        u32 k0, u32 k1) {
     i64 nbytes = (d + 1) >> 1;
     for (i64 j = TID; j < nbytes; j += NTHREADS) {
@@ -160,17 +200,17 @@ extern "C" __global__ void qsgd_codes4(const float* __restrict__ x, const float*
 
 extern "C" __global__ void qsgd_dequant(const signed char* __restrict__ codes,
                                         const float* __restrict__ norms, float* __restrict__ out,
-                                        i64 d, u32 bucket, float s_f) {
+                                        i64 d, u32 bucket, double s_f) {
     for (i64 i = TID; i < d; i += NTHREADS)
-        out[i] = (float)codes[i] * (norms[(u32)i / bucket] / s_f);
+        out[i] = d2f((double)codes[i] * (f2d(norms[(u32)i / bucket]) / s_f));
 }
 
 extern "C" __global__ void qsgd_dequant4(const u8* __restrict__ codes,
                                          const float* __restrict__ norms, float* __restrict__ out,
-                                         i64 d, u32 bucket, float s_f) {
+                                         i64 d, u32 bucket, double s_f) {
     for (i64 i = TID; i < d; i += NTHREADS) {
         int v = (i & 1) ? (codes[i >> 1] & 15) : (codes[i >> 1] >> 4);
-        out[i] = (float)(v >= 8 ? v - 16 : v) * (norms[(u32)i / bucket] / s_f);
+        out[i] = d2f((double)(v >= 8 ? v - 16 : v) * (f2d(norms[(u32)i / bucket]) / s_f));
     }
 }
 
@@ -193,7 +233,7 @@ extern "C" __global__ void lattice_encode_##SUFFIX(const float* __restrict__ x, 
     double inv_q = 1.0 / qf;                                                                   \
     unsigned long long acc = 0;                                                                \
     for (i64 i = TID; i < d; i += NTHREADS) {                                                  \
-        double k = rint((double)x[i] / eps);                                                   \
+        double k = rint(f2d(x[i]) / eps);                                                      \
         out[i] = (T)(i64)(k - qf * floor(k * inv_q));                                          \
         acc += (unsigned long long)(i64)fmin(fmax(k, -K_CLIP), K_CLIP) * weight(i);            \
     }                                                                                          \
@@ -205,10 +245,10 @@ extern "C" __global__ void lattice_decode_##SUFFIX(const T* __restrict__ z,     
     double qeps = (double)q * eps;                                                             \
     unsigned long long acc = 0;                                                                \
     for (i64 i = TID; i < d; i += NTHREADS) {                                                  \
-        double t = eps * (double)z[i], b = (double)ref[i];                                     \
+        double t = eps * (double)z[i], b = f2d(ref[i]);                                        \
         double m = rint((b - t) / qeps);                                                       \
         double xh = t + qeps * m;                                                              \
-        out[i] = (float)xh;                                                                    \
+        out[i] = d2f(xh);                                                                      \
         if (fabs(xh - b) >= thr) atomicAdd(count, 1ULL);                                       \
         i64 k = (i64)z[i] + q * (i64)fmin(fmax(m, -M_CLIP), M_CLIP);                           \
         acc += (unsigned long long)k * weight(i);                                              \
@@ -231,11 +271,11 @@ extern "C" __global__ void ef_chunks(const float* __restrict__ g, float* __restr
             bool in = r + LANE < n;
             float p = 0.0f;
             if (in) {
-                p = has_err ? g[i] + err[i] : g[i];
+                p = has_err ? d2f(f2d(g[i]) + f2d(err[i])) : g[i];
                 if (has_err) err[i] = p;
-                acc += (double)fabsf(p);
+                acc += fabs(f2d(p));
             }
-            u32 v = ballot_bytes(in && p >= 0.0f);
+            u32 v = ballot_bytes(in && nonneg(p));
             i64 o = ((s + r) >> 3) + LANE;
             if (LANE < 4 && o < nbytes) out[o] = (u8)(v >> (8 * LANE));
         }
@@ -253,9 +293,10 @@ extern "C" __global__ void lanesum_rows(const double* __restrict__ v, double* __
 }
 
 extern "C" __global__ void ef_residual(float* __restrict__ err, i64 d, float scale) {
+    double s = f2d(scale);
     for (i64 i = TID; i < d; i += NTHREADS) {
         float v = err[i];
-        err[i] = v >= 0.0f ? v - scale : v + scale;
+        err[i] = d2f(nonneg(v) ? f2d(v) - s : f2d(v) + s);
     }
 }
 """

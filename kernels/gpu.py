@@ -47,12 +47,14 @@ def parallel_copy(src, dst):
 
 def pack_signs(x, out):
     """Write the packed bits of ``x >= 0`` into ``out``."""
-    _launch("pack_signs", 32 * -(-x.size // 32), (x, out, _i64(x.size)), x)
+    words = -(-x.size // 32)
+    _launch("pack_signs", 32 * -(-words // 4), (x, out, _i64(x.size)), x)  # 4 words a warp
 
 
 def unpack_signs(packed, d, scale, out):
     """Write ``+scale`` for set bits and ``-scale`` for clear bits of ``packed`` into ``out``."""
-    _launch("unpack_signs", d, (packed, out, _i64(d), np.float32(scale)), out)
+    s = np.float32(scale)
+    _launch("unpack_signs", d, (packed, out, _i64(d), s, -s), out)
 
 
 def majority_vote(stack, out):
@@ -65,7 +67,8 @@ def _bucket_norms(x, bucket, norms):
     """Write the canonical float32 norms of the buckets of ``x`` (buckets over CHUNK)."""
     d, nb = x.size, norms.size
     cpb = -(-bucket // CHUNK)
-    part = cupy.empty(nb * cpb, np.float64)
+    with x.device:
+        part = cupy.empty(nb * cpb, np.float64)
     _launch("qsgd_partials", 32 * nb * cpb,
             (x, part, _i64(d), _i64(bucket), _i64(cpb), _i64(nb * cpb)), x)
     _launch("qsgd_norms", 32 * nb, (part, norms, _i64(nb), _i64(cpb)), x)
@@ -73,7 +76,7 @@ def _bucket_norms(x, bucket, norms):
 
 def qsgd_quantize(x, levels, bucket, k0, k1, codes, norms):
     """Write QSGD codes (int8, or uint8 nibbles) and float32 bucket norms of ``x``."""
-    d, nb, s_f = x.size, norms.size, np.float32(levels)
+    d, nb, s_f = x.size, norms.size, np.float64(levels)
     keys = (np.uint32(k0), np.uint32(k1))
     nib = codes.dtype == np.uint8
     if bucket <= CHUNK:
@@ -94,7 +97,7 @@ def qsgd_dequantize(codes, norms, levels, bucket, out):
     """Write ``code * norm / levels`` per element into ``out``."""
     d = out.size
     name = "qsgd_dequant4" if codes.dtype == np.uint8 else "qsgd_dequant"
-    _launch(name, d, (codes, norms, out, _i64(d), np.uint32(bucket), np.float32(levels)), out)
+    _launch(name, d, (codes, norms, out, _i64(d), np.uint32(bucket), np.float64(levels)), out)
 
 
 def _suffix(dtype) -> str:
@@ -103,7 +106,8 @@ def _suffix(dtype) -> str:
 
 def lattice_encode(x, eps, q, out):
     """Write ``round(x / eps) mod q`` into ``out``; return the checksum of ``round(x / eps)``."""
-    cs = cupy.zeros(1, np.uint64)
+    with x.device:
+        cs = cupy.zeros(1, np.uint64)
     _launch(f"lattice_encode_{_suffix(out.dtype)}", x.size,
             (x, out, _i64(x.size), np.float64(eps), np.float64(q), cs), x)
     return int(cs.get()[0])
@@ -111,7 +115,8 @@ def lattice_encode(x, eps, q, out):
 
 def lattice_decode(z, reference, eps, q, out):
     """Write the decoded vector into ``out``; return the guard-band count and the checksum."""
-    acc = cupy.zeros(2, np.uint64)  # [guard-band count, checksum]
+    with z.device:
+        acc = cupy.zeros(2, np.uint64)  # [guard-band count, checksum]
     _launch(f"lattice_decode_{_suffix(z.dtype)}", z.size,
             (z, reference, out, _i64(z.size), np.float64(eps), _i64(q),
              np.float64(q * eps * 0.5 - eps), acc[0:1], acc[1:2]), z)
@@ -125,7 +130,8 @@ def ef_sign_compress(g, error, out_packed):
     if d == 0:
         return 0.0
     nch = -(-d // CHUNK)
-    part, total = cupy.empty(nch, np.float64), cupy.empty(1, np.float64)
+    with g.device:
+        part, total = cupy.empty(nch, np.float64), cupy.empty(1, np.float64)
     err = error if error is not None else g  # never written when has_err is 0
     _launch("ef_chunks", 32 * nch, (g, err, np.int32(error is not None), out_packed, part,
                                     _i64(d), _i64(nch)), g)

@@ -83,11 +83,9 @@ def majority_vote(stack, out):
 
 
 def qsgd_scales(norms, levels):
-    """Return the per-bucket float32 factor ``levels / norm`` (0 for a zero or tiny norm)."""
-    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
-        sc = np.float32(levels) / norms
-    sc[~(norms > 0) | ~np.isfinite(sc)] = 0
-    return sc
+    """Return the per-bucket float64 factor ``levels / norm`` (0 for a zero norm)."""
+    return np.divide(float(levels), norms.astype(np.float64), out=np.zeros(norms.size),
+                     where=norms > 0)
 
 
 def nibble_pack(codes, out):
@@ -112,11 +110,11 @@ def qsgd_quantize(x, levels, bucket, k0, k1, codes, norms):
     d = x.size
     norms[:] = np.sqrt(csum_segments(x.astype(np.float64) ** 2, bucket)).astype(np.float32)
     sc = np.repeat(qsgd_scales(norms, levels), bucket)[:d]
-    r = np.minimum(np.abs(x) * sc, np.float32(levels))
+    r = np.minimum(np.abs(x).astype(np.float64) * sc, float(levels))
     low = np.floor(r)
-    u = uniform(np.arange(d, dtype=np.uint32), k0, k1)
+    u = uniform(np.arange(d, dtype=np.uint32), k0, k1).astype(np.float64)
     lev = low.astype(np.int8) + (u < (r - low)).astype(np.int8)
-    c = np.where(x < 0, -lev, lev).astype(np.int8)
+    c = np.where(np.signbit(x), -lev, lev).astype(np.int8)
     if codes.dtype == np.uint8:
         nibble_pack(c, codes)
     else:
@@ -127,8 +125,8 @@ def qsgd_dequantize(codes, norms, levels, bucket, out):
     """Write ``code * norm / levels`` per element into ``out``."""
     d = out.size
     c = nibble_unpack(codes, d) if codes.dtype == np.uint8 else codes
-    step = np.repeat(norms / np.float32(levels), bucket)[:d]
-    out[:] = c.astype(np.float32) * step
+    step = np.repeat(norms.astype(np.float64) / levels, bucket)[:d]
+    out[:] = (c.astype(np.float64) * step).astype(np.float32)
 
 
 def checksum(k: np.ndarray) -> int:

@@ -68,7 +68,7 @@ def _inputs(xp, size: int, seed: int = 0) -> dict:
     host = {"x": x, "ref": x + np.float32(EPS), "err": np.zeros_like(x), "stack": stack}
     host["packed"] = np.packbits(x >= 0)
     host["codes"], host["norms"] = kernels.qsgd_quantize(x, LEVELS, BUCKET, 1)
-    host["z"] = kernels.lattice_encode(x, EPS, Q)
+    host["z"] = kernels.lattice_encode(x, EPS, Q)[0]
     return {k: (v if xp is np else xp.asarray(v)) for k, v in host.items()}
 
 

@@ -80,7 +80,9 @@ def lattice(eps: float, q: int = 1 << 16) -> Compressor:
         _, payload.checksum[0] = kernels.lattice_encode(x, eps, q, payload.z)
         return payload, state
 
-    def decompress(payload, out=None, *, reference):
+    def decompress(payload, out=None, reference=None):
+        if reference is None:
+            raise TypeError("lattice decompress needs the receiver's reference vector")
         out = output(out, payload.z, payload.d)
         out, count, checksum = kernels.lattice_decode(payload.z, reference, eps, q, out)
         ok = checksum == int(payload.checksum[0])

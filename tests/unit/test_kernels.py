@@ -279,3 +279,17 @@ def test_canonical_sum_is_order_defined():
     for off in (16, 8, 4, 2, 1):
         lanes[:, :off] += lanes[:, off : 2 * off]
     same(reference.lanesum(v), lanes[:, 0])
+
+
+def test_bench_kernels_smoke(tmp_path):
+    import json
+
+    from mpiopt.bench import kernels as bench
+
+    lines = []
+    result = bench.run(size=40000, json_path=str(tmp_path / "k.json"), out=lines.append)
+    assert "| pack_signs | numba |" in lines[1]
+    saved = json.loads((tmp_path / "k.json").read_text())
+    rows = {(r["kernel"], r["backend"]) for r in saved["rows"]}
+    assert ("copy", "numpy") in rows and ("qsgd_quantize(s=4)", "numba") in rows
+    assert all(r["gbps"] > 0 for r in result["rows"])
