@@ -94,6 +94,25 @@ def build_problem(transport: Transport, cfg: Config):
     return agree(transport, build)
 
 
+def share_cores(transport: Transport) -> int:
+    """Give each rank an equal share of its node's cores for the numba kernels.
+
+    Without this every rank starts one kernel thread per core, and ranks sharing a node
+    oversubscribe it many times over (spinning thread pools make that ruinous). Returns the
+    thread count chosen.
+    """
+    import numba
+
+    node = transport.split_shared()
+    share = max(1, (os.cpu_count() or 1) // node.size)
+    node.free()
+    threads = min(share, numba.config.NUMBA_NUM_THREADS)
+    from mpiopt import kernels
+
+    kernels.set_num_threads(threads)
+    return threads
+
+
 def _create_dir(transport: Transport, cfg: Config, out: str) -> None:
     if transport.rank == 0:
         if os.path.exists(out):
@@ -192,6 +211,7 @@ def run(config_path: str, sets=None, steps=None, seed=None, out=None, overwrite=
     cfg, out_dir = prepare(transport, config_path,
                            _overrides(sets, steps, seed, out, overwrite, quiet))
     transport.timeout = cfg.run.comm_timeout_s
+    share_cores(transport)
     xp, shard, problem = build_problem(transport, cfg)
     loud = transport.rank == 0 and not cfg.run.quiet
     if transport.rank == 0:

@@ -101,6 +101,7 @@ class Context:
         self.start = time.perf_counter()
         self.steps_done = 0
         self.final: dict = {}
+        self.strict_loss = True  # a non-finite loss ends the run (policies may relax this)
         self._mark = (self.start, 0, 0, 0.0)
 
     # ------------------------------------------------------------------ steps
@@ -123,7 +124,7 @@ class Context:
 
     def end_step(self, step: int, loss: float, lr: float) -> None:
         """Record the row of ``step`` and report progress; fail on a non-finite loss."""
-        if not math.isfinite(loss):
+        if self.strict_loss and not math.isfinite(loss):
             raise NonFiniteError(f"non-finite loss {loss} on rank {self.rank} at step {step} "
                                  "(the model diverged or a gradient was NaN)")
         t = self.transport

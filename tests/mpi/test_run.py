@@ -23,8 +23,9 @@ SMALL = {
 
 def write_config(tmp_path, overrides=None, name="cfg.yaml"):
     cfg = {k: dict(v) for k, v in SMALL.items()}
-    for section, values in (overrides or {}).items():
+    for section, values in (overrides or {}).items():  # a None value removes the key
         cfg[section].update(values)
+        cfg[section] = {k: v for k, v in cfg[section].items() if v is not None}
     path = tmp_path / name
     path.write_text(yaml.safe_dump(cfg))
     return str(path)
