@@ -200,6 +200,9 @@ def _abort_job(exc: BaseException) -> int:
     sys.stderr.flush()
     mpi = sys.modules.get("mpi4py.MPI")
     if mpi is not None and mpi.Is_initialized() and mpi.COMM_WORLD.Get_size() > 1:
+        import time
+
+        time.sleep(0.5)  # let the launcher forward the message before the job is torn down
         mpi.COMM_WORLD.Abort(1)
     return 1
 

@@ -87,6 +87,7 @@ class _Watchdog:
                                  f"(peer {peer}, tag {channel.name}, step {step}); "
                                  "aborting the job\n")
                 sys.stderr.flush()
+                time.sleep(0.5)  # let the launcher forward the line before the job is torn down
                 MPI.COMM_WORLD.Abort(3)
 
 
