@@ -249,10 +249,7 @@ class Transport:
             return fn(*args, **kwargs)
         finally:
             dog.current = None
-            s = self._slots[channel]
-            s.sent += sent
-            s.recv += recv
-            s.seconds += time.perf_counter() - t0
+            self._charge(channel, sent, recv, time.perf_counter() - t0)
 
     # ----------------------------------------------------------------- collectives
 

@@ -40,6 +40,8 @@ class StepLog:
         self.buffer = np.zeros(chunk, dtype=STEP_DTYPE)
         self.fill = 0
         self.rows = 0
+        self.compute_s = 0.0  # running totals, so the summary needs no re-read of the file
+        self.comm_s = 0.0
         self.file = h5py.File(path, "w")
         for name, dtype in STEP_FIELDS:
             self.file.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype,
@@ -50,6 +52,8 @@ class StepLog:
         self.buffer[self.fill] = (step, time, loss, lr, bytes_sent, bytes_recv, compute_s,
                                   comm_s)
         self.fill += 1
+        self.compute_s += compute_s
+        self.comm_s += comm_s
         if self.fill == len(self.buffer):
             self.flush()
 
