@@ -98,7 +98,8 @@ def cmd_bench(args) -> int:
     from mpiopt.bench import train as bench_train
 
     if args.what == "comm":
-        bench_comm.run(args.max_mb, args.repeats, args.json, algorithm=args.algorithm)
+        bench_comm.run(args.max_mb, args.repeats, args.json, algorithm=args.algorithm,
+                       max_elems=args.size)
     else:
         bench_train.run(args.steps, args.repeats, args.json)
     return 0
@@ -150,8 +151,10 @@ def _bench_parser(sub) -> None:
     p.add_argument("--max-mb", type=float, default=64.0, help="comm: largest buffer (MB)")
     p.add_argument("--repeats", type=int, default=None, help="timed repetitions")
     p.add_argument("--steps", type=int, default=300, help="train: steps per repetition")
-    p.add_argument("--algorithm", default=None, help="comm: also time this algorithm's step")
-    p.add_argument("--size", type=int, default=64 * 2**20, help="kernels: elements")
+    p.add_argument("--algorithm", default=None,
+                   help="comm: time this algorithm's exchange step instead (signum)")
+    p.add_argument("--size", type=int, default=64 * 2**20,
+                   help="kernels: elements; comm --algorithm: the largest vector")
     p.add_argument("--threads", type=int, default=None, help="kernels: numba threads")
     p.add_argument("--json", default=None, help="also write the results as JSON")
     p.set_defaults(func=cmd_bench)

@@ -158,7 +158,8 @@ def _describe(tp) -> str:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
-        return " or ".join(_describe(a) for a in inner) + " or null"
+        text = " or ".join(_describe(a) for a in inner)
+        return text + " or null" if len(inner) < len(args) else text
     if origin is tuple:
         return f"list of {_describe(args[0])}"
     if tp is Any:
@@ -373,7 +374,8 @@ def replace_run(cfg: Config, **changes) -> Config:
 
 
 def _owner(cls: type, name: str) -> type:
-    for klass in reversed(cls.__mro__):
+    """Return the class whose definition of ``name`` is in effect (the most derived)."""
+    for klass in cls.__mro__:
         if name in getattr(klass, "__annotations__", {}):
             return klass
     return cls

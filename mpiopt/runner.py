@@ -136,6 +136,15 @@ def _time_to_target(ctx: Context, target) -> dict | None:
     return None
 
 
+def _by_channel(totals: list[dict], n: int, steps: int) -> dict:
+    """Mean bytes sent and received per rank per step on each channel (phase) that was used."""
+    names = sorted({c for t in totals for c in t["channels"]})
+    per = n * max(steps, 1)
+    return {c: {"sent": sum(t["channels"].get(c, (0, 0))[0] for t in totals) / per,
+                "recv": sum(t["channels"].get(c, (0, 0))[1] for t in totals) / per}
+            for c in names}
+
+
 def _summary(ctx: Context, cfg: Config, totals: list[dict], wall: float) -> dict:
     n = ctx.size
     sent = sum(t["sent"] for t in totals)
@@ -147,6 +156,7 @@ def _summary(ctx: Context, cfg: Config, totals: list[dict], wall: float) -> dict
         "final": ctx.final,
         "bytes_sent_total": sent, "bytes_recv_total": sum(t["recv"] for t in totals),
         "bytes_sent_per_rank_per_step": sent / n / max(steps, 1),
+        "bytes_per_rank_per_step_by_channel": _by_channel(totals, n, steps),
         "compute_s": sum(t["compute"] for t in totals) / n,
         "comm_s": sum(t["comm"] for t in totals) / n,
         "peak_rss_mb": [t["rss"] for t in totals],
@@ -171,7 +181,9 @@ def finish(ctx: Context, cfg: Config, algo, out: str) -> dict | None:
     rows.close()
     mine = {"steps": ctx.steps_done, "sent": ctx.transport.bytes_sent(),
             "recv": ctx.transport.bytes_recv(), "compute": rows.compute_s, "comm": rows.comm_s,
-            "rss": _peak_rss_mb()}
+            "rss": _peak_rss_mb(),
+            "channels": {c.name.lower(): (s.sent, s.recv)
+                         for c, s in ctx.transport.stats.items() if s.sent or s.recv}}
     totals = ctx.transport.allgather_obj(mine)
     if ctx.rank != 0:
         return None
@@ -180,6 +192,7 @@ def finish(ctx: Context, cfg: Config, algo, out: str) -> dict | None:
     merge(out, ctx.size, ctx.evals, attrs)
     _save_model(os.path.join(out, "model.h5"), algo.model(), cfg)
     summary = _summary(ctx, cfg, totals, wall)
+    summary["algorithm_info"] = algo.summary_info()
     with open(os.path.join(out, "summary.json.tmp"), "w") as fh:
         json.dump(summary, fh, indent=2, default=float)
     os.replace(os.path.join(out, "summary.json.tmp"), os.path.join(out, "summary.json"))

@@ -11,9 +11,11 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from mpiopt.comm.topology import build_topology
 from mpiopt.comm.transport import Channel
 from mpiopt.config import Section, param
 from mpiopt.io.metrics import EvalLog, StepLog
@@ -61,6 +63,23 @@ class SGDConfig(AlgorithmConfig):
     def optimizer(self) -> SGD:
         """Return the local optimizer these keys describe."""
         return SGD(self.momentum, self.nesterov, self.weight_decay)
+
+
+@dataclass(frozen=True)
+class GraphKeys(SGDConfig):
+    """Keys of the algorithms that gossip over a graph of ranks."""
+
+    topology: Any = param("ring", "Graph over ranks: complete, ring, torus, hypercube, "
+                          "random_regular:k, or a list of [i, j] edges.")
+    graph_seed: int = param(0, "Seed of random graphs (random_regular), fixed across runs.",
+                            low=0)
+
+    def topology_for(self, world_size: int):
+        """Return the connected topology over ``world_size`` ranks."""
+        return build_topology(self.topology, world_size, self.graph_seed)
+
+    def check_world(self, world_size: int) -> None:
+        self.topology_for(world_size)
 
 
 class NonFiniteError(FloatingPointError):
@@ -164,6 +183,10 @@ class Algorithm:
     def evaluate(self, step: int) -> dict:
         """Evaluate the algorithm's model(s); return rank 0's metrics ({} on other ranks)."""
         raise NotImplementedError
+
+    def summary_info(self) -> dict:
+        """Return facts about this run's algorithm for ``summary.json`` (rank 0's copy)."""
+        return {}
 
 
 class SynchronousAlgorithm(Algorithm):

@@ -8,12 +8,10 @@ communication overlaps computation; receive buffers are allocated once.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-from mpiopt.algorithms.base import SGDConfig, SynchronousAlgorithm
-from mpiopt.comm.topology import build_topology
+from mpiopt.algorithms.base import GraphKeys, SynchronousAlgorithm
 from mpiopt.comm.transport import Channel, wait_all
-from mpiopt.config import ALGORITHMS, param
+from mpiopt.config import ALGORITHMS
 
 
 class DPSGDSync(SynchronousAlgorithm):
@@ -51,20 +49,8 @@ class DPSGDSync(SynchronousAlgorithm):
 
 @ALGORITHMS.register("dpsgd_sync")
 @dataclass(frozen=True)
-class DPSGDSyncConfig(SGDConfig):
+class DPSGDSyncConfig(GraphKeys):
     """D-PSGD: each step, gossip-average with all neighbours, then a local SGD step."""
-
-    topology: Any = param("ring", "Graph over ranks: complete, ring, torus, hypercube, "
-                          "random_regular:k, or a list of [i, j] edges.")
-    graph_seed: int = param(0, "Seed of random graphs (random_regular), fixed across runs.",
-                            low=0)
-
-    def topology_for(self, world_size: int):
-        """Return the connected topology over ``world_size`` ranks."""
-        return build_topology(self.topology, world_size, self.graph_seed)
-
-    def check_world(self, world_size: int) -> None:
-        self.topology_for(world_size)
 
     def build(self, ctx) -> DPSGDSync:
         return DPSGDSync(self, ctx)

@@ -1,4 +1,4 @@
-"""signSGD and Signum with majority vote: 1 bit per parameter in both directions.
+"""signSGD and Signum with majority vote (1 bit per parameter both ways), and EF-signSGD.
 
 Every worker updates its momentum ``v <- beta v + (1 - beta) g`` (``beta = 0``: signSGD),
 packs ``sign(v)`` 8 per byte (``sign(0) = +1``), and the workers vote: the result is
@@ -13,7 +13,18 @@ How the vote travels (``algorithm.vote``):
 - ``allgather``: every rank receives every packed vector and votes locally (``(n-1) d/8``).
 - ``server``: rank 0 gathers, votes and broadcasts, as in the publication.
 
-All buffers (momentum, packed, stacked, voted, unpacked) are allocated once.
+Long vectors are voted in segments of ``algorithm.segment_bytes`` packed bytes with
+nonblocking collectives: segment ``s + 1`` is packed while segment ``s`` travels, and segment
+``s`` is voted and sent back while segment ``s + 1`` travels. Every buffer (momentum, packed,
+stacked, voted) is allocated once; the step allocates nothing of model size.
+
+Adversaries (experiments only, off by default): ``algorithm.adversaries`` workers send the
+negation of their signs (``invert``) or the signs of Gaussian noise (``random``) instead of
+their honest signs. The vote tolerates fewer than ``n/2`` of them.
+
+``ef_signsgd`` is the compressed baseline: ``p = lr g + e``, ``delta = (|p|_1/d) sign(p)``,
+``e = p - delta``; the packed signs and the scales are allgathered and every worker applies
+the average of the scaled signs.
 """
 
 from __future__ import annotations
@@ -22,53 +33,159 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mpiopt import kernels
+from mpiopt import backend, kernels
 from mpiopt.algorithms.base import AlgorithmConfig, NonFiniteError, SynchronousAlgorithm
 from mpiopt.comm.transport import Channel
 from mpiopt.config import ALGORITHMS, param
+from mpiopt.errors import ConfigError
 
 VOTES = ("sharded", "allgather", "server")
+ADVERSARIES = ("invert", "random")
+SEGMENT_BYTES = 1 << 20  # the pipelined variant of ``bench comm --algorithm signum``
+
+
+class _Segment:
+    """Buffers and pending handles of one segment of the packed vector (bytes ``lo:hi``)."""
+
+    def __init__(self, kind: str, transport, lo: int, hi: int, d: int, xp):
+        n = transport.size
+        self.lo, self.nb = lo, hi - lo
+        self.e0, self.e1 = 8 * lo, min(8 * hi, d)  # the parameters this segment carries
+        self.chunk = -(-self.nb // n)  # ceil: the last chunks carry padding
+        width = self.chunk * n if kind == "sharded" else self.nb
+        self.send = xp.zeros(width, np.uint8)
+        rows = n if kind != "server" or transport.rank == 0 else 1
+        self.stack = xp.zeros((rows, self.chunk if kind == "sharded" else self.nb), np.uint8)
+        self.mine = xp.zeros(self.chunk, np.uint8) if kind == "sharded" else None
+        self.voted = xp.zeros(width, np.uint8)
+        self.up = self.down = None
 
 
 class Vote:
-    """One vote transport: packed signs of this rank in, packed vote out (same on all ranks)."""
+    """The majority vote of ``sign(v)`` over all ranks, written as +-1 into ``u``.
 
-    def __init__(self, kind: str, transport, nbytes: int, xp):
-        self.kind, self.t, self.nbytes = kind, transport, nbytes
-        n = transport.size
-        self.chunk = -(-nbytes // n)  # ceil: the last chunks carry padding
-        width = self.chunk * n if kind == "sharded" else nbytes
-        self.send = xp.zeros(width, np.uint8)
-        rows = n if kind != "server" or transport.rank == 0 else 0
-        cols = self.chunk if kind == "sharded" else nbytes
-        self.stack = xp.zeros((max(rows, 1), cols), np.uint8)
-        self.mine = xp.zeros(self.chunk, np.uint8)
-        self.voted = xp.zeros(width, np.uint8)
+    Args:
+        kind: ``sharded``, ``allgather`` or ``server``.
+        transport: the world transport.
+        d: the vector length.
+        xp: the array module.
+        segment_bytes: packed bytes per pipelined segment (0: a single segment).
+        tamper: optional ``(send, v_part, scratch) -> None`` run on this rank's packed signs
+            before they leave (adversaries).
+    """
 
-    def __call__(self, packed):
-        """Return the packed majority vote of every rank's ``packed`` signs."""
-        self.send[: self.nbytes] = packed
-        getattr(self, "_" + self.kind)()
-        return self.voted[: self.nbytes]
+    def __init__(self, kind: str, transport, d: int, xp, segment_bytes: int = 0,
+                 tamper=None):
+        self.kind, self.t, self.d, self.xp, self.tamper = kind, transport, d, xp, tamper
+        nbytes = kernels.nbytes_signs(d)
+        seg = nbytes if segment_bytes <= 0 else segment_bytes
+        self.segments = [_Segment(kind, transport, lo, min(lo + seg, nbytes), d, xp)
+                         for lo in range(0, nbytes, seg)]
 
-    def _sharded(self):
-        self.t.alltoall(self.send, self.stack, Channel.VOTE)
-        kernels.majority_vote(self.stack, out=self.mine)
-        self.t.allgather(self.mine, self.voted, Channel.VOTE)
+    def __call__(self, v, u):
+        """Vote on the signs of every rank's ``v``; write the +-1 result into ``u``."""
+        segs = self.segments
+        for i, s in enumerate(segs):
+            self._pack(s, v, u)
+            s.up = self._start_up(s)
+            if i:
+                self._vote(segs[i - 1])
+        self._vote(segs[-1])
+        for s in segs:
+            if s.down is not None:
+                s.down.wait()
+            kernels.unpack_signs(self._result(s), s.e1 - s.e0, out=u[s.e0:s.e1])
+        return u
 
-    def _allgather(self):
-        self.t.allgather(self.send, self.stack, Channel.VOTE)
-        kernels.majority_vote(self.stack, out=self.voted)
+    def _pack(self, s: _Segment, v, scratch) -> None:
+        out = s.send[: s.nb]
+        kernels.pack_signs(v[s.e0:s.e1], out=out)
+        if self.tamper is not None:
+            self.tamper(out, v[s.e0:s.e1], scratch[s.e0:s.e1])
 
-    def _server(self):
-        self.t.gather(self.send, self.stack if self.t.rank == 0 else None, 0, Channel.VOTE)
-        if self.t.rank == 0:
-            kernels.majority_vote(self.stack, out=self.voted)
-        self.t.bcast(self.voted, 0, Channel.VOTE)
+    def _start_up(self, s: _Segment):
+        """Send this rank's signs of ``s`` towards the voters; return the pending handle.
+
+        A single segment has nothing to overlap: it takes the blocking collectives, the
+        faster path (and returns None).
+        """
+        t, one = self.t, len(self.segments) == 1
+        recv = s.stack if self.kind != "server" or t.rank == 0 else None
+        if self.kind == "sharded":
+            call = t.alltoall if one else t.ialltoall
+            args = (s.send, recv, Channel.VOTE)
+        elif self.kind == "allgather":
+            call = t.allgather if one else t.iallgather
+            args = (s.send, recv, Channel.VOTE)
+        else:
+            call = t.gather if one else t.igather
+            args = (s.send, recv, 0, Channel.VOTE)
+        handle = call(*args)
+        return None if one else handle
+
+    def _vote(self, s: _Segment) -> None:
+        """Finish the up phase of ``s``, vote, and start (or do) its down phase."""
+        t, one = self.t, len(self.segments) == 1
+        if s.up is not None:
+            s.up.wait()
+        s.down = None
+        if self.kind == "sharded":
+            kernels.majority_vote(s.stack, out=s.mine)
+            if one:
+                t.allgather(s.mine, s.voted, Channel.VOTE_RESULT)
+            else:
+                s.down = t.iallgather(s.mine, s.voted, Channel.VOTE_RESULT)
+        elif self.kind == "allgather":
+            kernels.majority_vote(s.stack, out=s.voted)
+        else:
+            if t.rank == 0:
+                kernels.majority_vote(s.stack, out=s.voted)
+            if one:
+                t.bcast(s.voted, 0, Channel.VOTE_RESULT)
+            else:
+                s.down = t.ibcast(s.voted, 0, Channel.VOTE_RESULT)
+
+    @staticmethod
+    def _result(s: _Segment):
+        return s.voted[: s.nb]
+
+    def close_votes(self) -> int:
+        """Count, among the coordinates this rank voted in the last call, the close ones.
+
+        A coordinate is close when one worker changing its sign could change the vote: a sum
+        of signs of +-1 for odd ``n``; 0 or -2 for even ``n`` (ties go to +1). In the
+        ``allgather`` form rank 0 counts every coordinate and the others count none.
+        """
+        t, n = self.t, self.t.size
+        if self.kind != "sharded" and t.rank != 0:
+            return 0
+        close = 0
+        for s in self.segments:
+            start = s.lo + (t.rank * s.chunk if self.kind == "sharded" else 0)
+            width = min(s.stack.shape[1], s.lo + s.nb - start)
+            # Only bytes and bits that carry parameters: padding would look like votes.
+            nbits = min(8 * width, self.d - 8 * start)
+            if nbits <= 0:
+                continue
+            stack = backend.to_host(s.stack)
+            for c0 in range(0, nbits, 1 << 20):  # bounded scratch on big chunks
+                c1 = min(c0 + (1 << 20), nbits)
+                bits = np.unpackbits(stack[:, c0 // 8: -(-c1 // 8)], axis=1)[:, : c1 - c0]
+                total = 2 * bits.sum(axis=0, dtype=np.int64) - n
+                hit = np.abs(total) == 1 if n % 2 else (total == 0) | (total == -2)
+                close += int(hit.sum())
+        return close
 
 
-class Signum(SynchronousAlgorithm):
-    """Signum / signSGD with a majority vote over all ranks."""
+def adversary_ranks(spec, n: int) -> tuple[int, ...]:
+    """Return the adversarial ranks: the last ``k`` ranks for a count, or the listed ranks."""
+    if isinstance(spec, int):
+        return tuple(range(n - spec, n))
+    return tuple(sorted(spec))
+
+
+class _SignBase(SynchronousAlgorithm):
+    """Buffers, the non-finite policy and the adversaries shared by the sign methods."""
 
     def setup(self) -> None:
         ctx = self.ctx
@@ -76,11 +193,9 @@ class Signum(SynchronousAlgorithm):
         self.g = ctx.xp.empty_like(self.x)
         self.v = ctx.xp.zeros_like(self.x)
         self.u = ctx.xp.empty_like(self.x)
-        d = int(self.x.size)
-        self.packed = ctx.xp.zeros(kernels.nbytes_signs(d), np.uint8)
-        self.vote = Vote(self.cfg.vote, ctx.transport, self.packed.size, ctx.xp)
         self.state = None
         ctx.strict_loss = self.cfg.nonfinite == "raise"
+        self.adversaries = adversary_ranks(self.cfg.adversaries, ctx.size)
 
     def _finite(self, step: int, loss: float) -> bool:
         """Apply the non-finite policy; return False if every rank must skip this step."""
@@ -94,6 +209,36 @@ class Signum(SynchronousAlgorithm):
         self.ctx.transport.allreduce(flag, Channel.CONTROL, op="max")
         return flag[0] == 0
 
+    def _tamper(self):
+        """Return this rank's sign manipulation, or None for an honest worker."""
+        if self.ctx.rank not in self.adversaries:
+            return None
+        xp, rng = self.ctx.xp, self.ctx.rng
+        if self.cfg.adversary == "invert":
+            def tamper(packed, v, scratch):
+                xp.invert(packed, out=packed)
+        else:
+            def tamper(packed, v, scratch):
+                if xp is np:
+                    rng.standard_normal(out=scratch, dtype=np.float32)
+                else:
+                    scratch[...] = xp.asarray(rng.standard_normal(scratch.size, np.float32))
+                kernels.pack_signs(scratch, out=packed)
+        return tamper
+
+    def summary_info(self) -> dict:
+        return {"adversaries": list(self.adversaries),
+                "adversary": self.cfg.adversary if self.adversaries else None}
+
+
+class Signum(_SignBase):
+    """Signum / signSGD with a majority vote over all ranks."""
+
+    def setup(self) -> None:
+        super().setup()
+        self.vote = Vote(self.cfg.vote, self.ctx.transport, int(self.x.size), self.ctx.xp,
+                         self.cfg.segment_bytes, self._tamper())
+
     def step(self, step: int, lr: float) -> float:
         loss = self.local_gradient(step)
         if not self._finite(step, loss):
@@ -105,9 +250,7 @@ class Signum(SynchronousAlgorithm):
             self.v += self.g
         else:
             self.v[...] = self.g
-        kernels.pack_signs(self.v, out=self.packed)
-        voted = self.vote(self.packed)
-        kernels.unpack_signs(voted, self.x.size, out=self.u)
+        self.vote(self.v, self.u)
         if self.cfg.weight_decay:
             self.ctx.xp.multiply(self.x, self.cfg.weight_decay, out=self.g)
             self.u += self.g
@@ -115,30 +258,153 @@ class Signum(SynchronousAlgorithm):
         self.x -= self.u
         return loss
 
+    def evaluate(self, step: int) -> dict:
+        """Rank 0's model, plus the vote margin of the last step (collective)."""
+        t = self.ctx.transport
+        close = t.allreduce_scalar(float(self.vote.close_votes()), channel=Channel.EVAL)
+        if self.ctx.rank != 0:
+            return {}
+        return {**self.ctx.problem.evaluate(self.x), "vote_margin": close / self.x.size}
 
-@ALGORITHMS.register("signum")
+
+class ScaledSignAverage:
+    """EF-signSGD's exchange: ``delta = (|p|_1/d) sign(p)`` per rank, averaged over ranks.
+
+    Each rank packs ``sign(p)`` with ``p = q + e`` and keeps ``e <- p - delta`` (the error
+    feedback); the packed signs and the scales are allgathered ((n-1)(d/8 + 8) bytes sent per
+    rank) and every rank forms the same average. All buffers are allocated once.
+    """
+
+    def __init__(self, transport, d: int, xp, tamper=None):
+        self.t, self.d, self.tamper = transport, d, tamper
+        n = transport.size
+        nb = kernels.nbytes_signs(d)
+        self.packed = xp.zeros(nb, np.uint8)
+        self.stack = xp.zeros((n, nb), np.uint8)
+        self.scale = np.zeros(1, np.float64)
+        self.scales = np.zeros(n, np.float64)
+
+    def __call__(self, q, e, out):
+        """Compress ``q + e`` (updating ``e``), exchange, and add the average into ``out``.
+
+        ``q`` is used as scratch and is overwritten.
+        """
+        t, n = self.t, self.t.size
+        self.scale[0] = kernels.ef_sign_compress(q, e, self.packed)
+        if self.tamper is not None:
+            self.tamper(self.packed, q, q)
+        wait = [t.iallgather(self.scale, self.scales, Channel.VOTE),
+                t.iallgather(self.packed, self.stack, Channel.VOTE)]
+        for h in wait:
+            h.wait()
+        for w in range(n):
+            kernels.unpack_signs(self.stack[w], self.d, scale=self.scales[w] / n, out=q)
+            out += q
+        return out
+
+
+class EFSignSGD(_SignBase):
+    """Error-feedback scaled signSGD, averaged over ranks by an allgather of packed signs."""
+
+    def setup(self) -> None:
+        super().setup()
+        xp = self.ctx.xp
+        self.e = xp.zeros_like(self.x)
+        self.exchange = ScaledSignAverage(self.ctx.transport, int(self.x.size), xp,
+                                          self._tamper())
+
+    def step(self, step: int, lr: float) -> float:
+        xp = self.ctx.xp
+        loss = self.local_gradient(step)
+        if not self._finite(step, loss):
+            return loss
+        if self.cfg.weight_decay:
+            xp.multiply(self.x, self.cfg.weight_decay, out=self.u)
+            self.g += self.u
+        if self.cfg.momentum:
+            self.v *= self.cfg.momentum
+            self.v += self.g
+        else:
+            self.v[...] = self.g
+        xp.multiply(self.v, lr, out=self.u)  # p = lr v + e, formed inside the kernel
+        self.g[...] = 0.0
+        self.exchange(self.u, self.e, self.g)
+        self.x -= self.g
+        return loss
+
+
 @dataclass(frozen=True)
-class SignumConfig(AlgorithmConfig):
-    """Signum with majority vote: 1-bit momentum signs up, a 1-bit vote down."""
+class SignKeys(AlgorithmConfig):
+    """Keys shared by the sign methods: non-finite policy and adversaries."""
 
-    lr: float = param(1e-3, "Step size of the voted sign.", low=0, low_open=True)
-    beta: float = param(0.9, "Momentum of the signs' argument (0: signSGD).", low=0, high=1,
-                        high_open=True)
-    weight_decay: float = param(0.0, "Decoupled weight decay, applied after the vote.", low=0)
-    vote: str = param("sharded", "How the vote travels: sharded (all-to-all + allgather), "
-                      "allgather, server (rank 0 votes).", choices=VOTES)
     nonfinite: str = param("raise", "On a NaN/Inf gradient: raise (abort with rank and "
                            "step) or skip (every rank skips the step).",
                            choices=("raise", "skip"))
+    adversaries: int | tuple[int, ...] = param(
+        0, "Adversarial workers (experiments only): a count k (the last k ranks) or a list "
+        "of ranks.", low=0)
+    adversary: str = param("invert", "What an adversary sends: invert (the negation of its "
+                           "signs) or random (signs of Gaussian noise).", choices=ADVERSARIES)
+
+    def check_world(self, world_size: int) -> None:
+        spec = self.adversaries
+        if isinstance(spec, int):
+            if spec > world_size:
+                raise ConfigError(f"{spec} adversaries but only {world_size} ranks",
+                                  key="algorithm.adversaries")
+            return
+        bad = [r for r in spec if r >= world_size]
+        if bad:
+            raise ConfigError(f"rank {bad[0]} does not exist: ranks are 0..{world_size - 1}",
+                              key="algorithm.adversaries")
+        if len(set(spec)) != len(spec):
+            raise ConfigError(f"ranks listed twice in {list(spec)}", key="algorithm.adversaries")
+
+
+@dataclass(frozen=True)
+class VoteKeys(SignKeys):
+    """Keys of the majority-vote methods: step size, decoupled weight decay, vote transport."""
+
+    lr: float = param(1e-3, "Step size of the voted sign.", low=0, low_open=True)
+    weight_decay: float = param(0.0, "Decoupled weight decay, applied after the vote.", low=0)
+    vote: str = param("sharded", "How the vote travels: sharded (all-to-all + allgather), "
+                      "allgather, server (rank 0 votes).", choices=VOTES)
+    segment_bytes: int = param(0, "Packed bytes per pipelined vote segment (8 parameters a "
+                               "byte; 0: one segment). Pays off where the network moves the "
+                               "data; see docs/benchmarks.md.", low=0)
 
     def build(self, ctx) -> Signum:
         return Signum(self, ctx)
 
 
+@ALGORITHMS.register("signum")
+@dataclass(frozen=True)
+class SignumConfig(VoteKeys):
+    """Signum with majority vote: 1-bit momentum signs up, a 1-bit vote down."""
+
+    beta: float = param(0.9, "Momentum of the signs' argument (0: signSGD).", low=0, high=1,
+                        high_open=True)
+
+
 @ALGORITHMS.register("signsgd")
 @dataclass(frozen=True)
-class SignSGDConfig(SignumConfig):
+class SignSGDConfig(VoteKeys):
     """signSGD with majority vote: Signum without momentum (beta = 0)."""
 
     beta: float = param(0.0, "Momentum of the signs' argument (0: signSGD).", low=0, high=1,
                         high_open=True)
+
+
+@ALGORITHMS.register("ef_signsgd")
+@dataclass(frozen=True)
+class EFSignSGDConfig(SignKeys):
+    """Error-feedback scaled signSGD: 1 bit + a scale up, the average of scaled signs back."""
+
+    lr: float = param(0.01, "Learning rate (inside the error-feedback accumulator).", low=0,
+                      low_open=True)
+    momentum: float = param(0.0, "Heavy-ball momentum of the gradient before compression.",
+                            low=0, high=1, high_open=True)
+    weight_decay: float = param(0.0, "L2 weight decay added to the gradient.", low=0)
+
+    def build(self, ctx) -> EFSignSGD:
+        return EFSignSGD(self, ctx)

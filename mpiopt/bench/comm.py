@@ -102,14 +102,21 @@ def _fmt(nbytes: int) -> str:
     return f"{nbytes} B"
 
 
-def run(max_mb: float = 64.0, repeats: int | None = None, json_path: str | None = None,
-        algorithm: str | None = None, out=print) -> list[dict]:
-    """Run the allreduce comparison on every rank; print the table on rank 0."""
-    if algorithm is not None:
-        from mpiopt.errors import ConfigError
+STEP_BENCHES = ("signum",)  # algorithms whose exchange step ``--algorithm`` can time
 
-        raise ConfigError(f"no communication benchmark for algorithm {algorithm!r} yet",
-                          key="--algorithm")
+
+def run(max_mb: float = 64.0, repeats: int | None = None, json_path: str | None = None,
+        algorithm: str | None = None, out=print, max_elems: int = 64 << 20) -> list[dict]:
+    """Run the allreduce comparison (or an algorithm's step) on every rank; rank 0 prints."""
+    if algorithm is not None:
+        if algorithm not in STEP_BENCHES:
+            from mpiopt.errors import ConfigError
+
+            raise ConfigError(f"{algorithm!r} has no communication benchmark; choose from "
+                              f"{', '.join(STEP_BENCHES)}", key="--algorithm")
+        from mpiopt.bench import vote
+
+        return vote.run(max_elems, repeats, json_path, out=out)
     transport = Transport()
     rows = [measure(transport, n, repeats or 12) for n in _sizes(max_mb)]
     overhead = _slowest(transport, call_overhead())

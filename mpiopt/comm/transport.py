@@ -34,10 +34,11 @@ class Channel(enum.IntEnum):
     CONTROL = 1
     GRADIENT = 2
     MODEL = 3
-    VOTE = 4
+    VOTE = 4  # signs on their way to the voters
     GOSSIP = 5
     EVAL = 6  # evaluation of the model(s): instrumentation, not counted as algorithm bytes
     BENCH = 7
+    VOTE_RESULT = 8  # voted signs on their way back to every worker
 
 
 class CommTimeout(RuntimeError):
@@ -127,7 +128,11 @@ class Handle:
         spin_until, sleep = time.monotonic() + SPIN_S, 1e-5
         while not self.request.Test():
             now = time.monotonic()
-            if now > spin_until:
+            if now <= spin_until:
+                # Give the core away between polls: with more ranks than cores the peers this
+                # operation waits for need it (MPICH's own blocking waits do the same).
+                os.sched_yield()
+            else:
                 if now > deadline:
                     raise CommTimeout(self.describe(f"timed out after {limit:g} s"))
                 time.sleep(sleep)
@@ -325,6 +330,55 @@ class Transport:
         """Broadcast a small picklable object from ``root`` (control traffic)."""
         return self._call("bcast_obj", f"root {root}", channel, 0, 0, self.comm.bcast, obj,
                           root=root)
+
+    # ----------------------------------------------------------------- nonblocking
+
+    def _start(self, what: str, peer, channel: Channel, sent: int, recv: int, post,
+               recvbuf=None, host=None) -> Handle:
+        """Post a nonblocking collective, charge its bytes and return its handle."""
+        t0 = time.perf_counter()
+        req = post()
+        self._charge(channel, sent, recv, time.perf_counter() - t0)
+        finish = None if recvbuf is None else (lambda: self._back(recvbuf, host))
+        return Handle(self, req, what, peer, channel, finish=finish)
+
+    def ibarrier(self, channel: Channel = Channel.CONTROL) -> Handle:
+        """Start a barrier; waiting on its handle idles politely (polls with backoff)."""
+        return self._start("barrier", "all", channel, 0, 0, self.comm.Ibarrier)
+
+    def iallgather(self, sendbuf, recvbuf, channel: Channel = Channel.MODEL) -> Handle:
+        """Start :meth:`allgather`; ``recvbuf`` is valid once the handle completes."""
+        nb = _nbytes(sendbuf) * (self.size - 1)
+        s, r = self._host(sendbuf), self._host(recvbuf)
+        return self._start("allgather", "all", channel, nb, nb,
+                           lambda: self.comm.Iallgather(s, r), recvbuf, r)
+
+    def ialltoall(self, sendbuf, recvbuf, channel: Channel = Channel.VOTE) -> Handle:
+        """Start :meth:`alltoall`; ``recvbuf`` is valid once the handle completes."""
+        nb = _nbytes(sendbuf) * (self.size - 1) // max(self.size, 1)
+        s, r = self._host(sendbuf), self._host(recvbuf)
+        return self._start("alltoall", "all", channel, nb, nb,
+                           lambda: self.comm.Ialltoall(s, r), recvbuf, r)
+
+    def igather(self, sendbuf, recvbuf, root: int = 0,
+                channel: Channel = Channel.GRADIENT) -> Handle:
+        """Start :meth:`gather`; the root's ``recvbuf`` is valid once the handle completes."""
+        nb = _nbytes(sendbuf)
+        is_root = self.rank == root
+        s = self._host(sendbuf)
+        r = self._host(recvbuf) if is_root else None
+        return self._start("gather", f"root {root}", channel, 0 if is_root else nb,
+                           nb * (self.size - 1) if is_root else 0,
+                           lambda: self.comm.Igather(s, r, root=root),
+                           recvbuf if is_root else None, r)
+
+    def ibcast(self, buf, root: int = 0, channel: Channel = Channel.MODEL) -> Handle:
+        """Start :meth:`bcast`; ``buf`` is valid everywhere once the handle completes."""
+        nb = _nbytes(buf)
+        sent, recv = (nb if self.size > 1 else 0, 0) if self.rank == root else (0, nb)
+        host = self._host(buf)
+        return self._start("bcast", f"root {root}", channel, sent, recv,
+                           lambda: self.comm.Ibcast(host, root=root), buf, host)
 
     # ----------------------------------------------------------------- point to point
 

@@ -49,7 +49,32 @@ class Window:
         self.local = np.frombuffer(self.win.tomemory(), dtype=self.dtype)[: self.count]
         self.local[:] = 0
         self._mpi_type = MPI._typedict[self.dtype.char]
+        self._views: dict = {}
         transport.barrier()
+
+    def shared_view(self, rank: int) -> np.ndarray | None:
+        """Return ``rank``'s window memory as an array if this rank can load it directly.
+
+        Ranks of one node share the memory of a ``Win.Allocate`` window in MPICH (MPI 4's
+        ``Win.Shared_query``); reading it is then a plain copy that needs nothing from the
+        target. Returns None for a peer on another node (use :meth:`get`).
+        """
+        if rank in self._views:
+            return self._views[rank]
+        view = None
+        try:
+            mem, _ = self.win.Shared_query(rank)
+            arr = np.frombuffer(mem, dtype=self.dtype) if mem is not None else None
+            if arr is not None and arr.size >= self.count:
+                view = arr[: self.count]
+        except (MPI.Exception, ValueError, TypeError):
+            view = None
+        self._views[rank] = view
+        return view
+
+    def charge(self, rank: int, nbytes: int, channel: Channel | None = None) -> None:
+        """Count ``nbytes`` moved from or to ``rank`` by direct loads or stores."""
+        self._charge(rank, nbytes, channel)
 
     @contextlib.contextmanager
     def locked(self, rank: int, mode: str = "shared"):
@@ -62,21 +87,66 @@ class Window:
             self.win.Unlock(rank)
             self.transport._charge(self.channel, 0, 0, time.perf_counter() - t0)
 
-    def get(self, out: np.ndarray, rank: int, offset: int = 0) -> np.ndarray:
-        """Read ``out.size`` elements of ``rank``'s window from ``offset`` (inside a lock)."""
+    # One-sided traffic is charged to the origin, the only rank that knows of it, in both
+    # columns: what crosses the network at its request counts as sent and as received, so that
+    # totals over ranks agree with two-sided traffic. Traffic to oneself is free.
+
+    def _charge(self, rank: int, nbytes: int, channel: Channel | None = None) -> None:
+        if rank != self.transport.rank:
+            self.transport._charge(self.channel if channel is None else channel, nbytes,
+                                   nbytes, 0.0)
+
+    def get(self, out: np.ndarray, rank: int, offset: int = 0,
+            channel: Channel | None = None) -> np.ndarray:
+        """Read ``out.size`` elements of ``rank``'s window from ``offset`` (inside a lock).
+
+        ``channel`` overrides the window's channel for this read's byte count (EVAL reads).
+        """
         self.win.Get(out, rank, target=(offset, out.size, self._mpi_type))
-        self.transport._charge(self.channel, 0, out.nbytes, 0.0)
+        self._charge(rank, out.nbytes, channel)
         return out
 
     def put(self, buf: np.ndarray, rank: int, offset: int = 0) -> None:
         """Write ``buf`` into ``rank``'s window at ``offset`` (inside a lock)."""
         self.win.Put(buf, rank, target=(offset, buf.size, self._mpi_type))
-        self.transport._charge(self.channel, buf.nbytes, 0, 0.0)
+        self._charge(rank, buf.nbytes)
 
     def accumulate(self, buf: np.ndarray, rank: int, offset: int = 0, op: str = "sum") -> None:
         """Combine ``buf`` into ``rank``'s window element-wise with ``op`` (atomic per element)."""
         self.win.Accumulate(buf, rank, target=(offset, buf.size, self._mpi_type), op=_OPS[op])
-        self.transport._charge(self.channel, buf.nbytes, 0, 0.0)
+        self._charge(rank, buf.nbytes)
+
+    def swap(self, buf: np.ndarray, out: np.ndarray, rank: int, offset: int = 0) -> np.ndarray:
+        """Atomically (per element) replace ``rank``'s elements by ``buf``; old values to ``out``.
+
+        Element-wise atomic with respect to concurrent :meth:`accumulate` calls, so that a rank
+        can drain what others accumulate into it without losing an update.
+        """
+        self.win.Get_accumulate(buf, out, rank, target=(offset, buf.size, self._mpi_type),
+                                op=MPI.REPLACE)
+        self._charge(rank, buf.nbytes)
+        return out
+
+    def open_epoch(self) -> None:
+        """Open a passive-target epoch on every rank for the life of the window.
+
+        Uses ``MPI_MODE_NOCHECK``: no lock is taken, so an operation never waits for the
+        target to make MPI progress (within a node, MPICH then reads and writes the target's
+        memory directly); consistency is the caller's business (e.g. a version counter).
+        Complete operations with :meth:`flush`.
+        """
+        self.win.Lock_all(MPI.MODE_NOCHECK)
+        self._epoch = True
+
+    def close_epoch(self) -> None:
+        """Close the epoch of :meth:`open_epoch` (completes every outstanding operation)."""
+        if getattr(self, "_epoch", False):
+            self.win.Unlock_all()
+            self._epoch = False
+
+    def sync_local(self) -> None:
+        """Order this rank's loads and stores to its own window memory (inside an epoch)."""
+        self.win.Sync()
 
     def fetch_and_add(self, value, rank: int, offset: int = 0):
         """Atomically add ``value`` to one element of ``rank``'s window; return the old value."""
@@ -101,7 +171,9 @@ class Window:
     def free(self) -> None:
         """Release the window (collective over the transport's ranks)."""
         if self.win != MPI.WIN_NULL:
+            self.close_epoch()
             self.local = None
+            self._views = {}
             self.win.Free()
 
 

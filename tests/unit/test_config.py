@@ -149,3 +149,28 @@ def test_run_section_is_frozen():
 def test_reference_doc_is_current():
     text = (ROOT / "docs" / "config.md").read_text()
     assert text == config_markdown(), "regenerate: python -m mpiopt.config > docs/config.md"
+
+
+def test_adversaries_take_a_count_or_ranks_checked_against_the_world():
+    from mpiopt.algorithms.signum import adversary_ranks
+
+    cfg = config_from_dict({**BASE, "algorithm": {"name": "signum", "adversaries": 2}})
+    assert cfg.algorithm.adversaries == 2
+    assert adversary_ranks(2, 5) == (3, 4)
+    cfg.algorithm.check_world(2)
+    with pytest.raises(ConfigError, match="3 adversaries but only 2 ranks") as e:
+        config_from_dict({**BASE, "algorithm": {"name": "signum",
+                                                "adversaries": 3}}).algorithm.check_world(2)
+    assert e.value.key == "algorithm.adversaries"
+    listed = config_from_dict({**BASE, "algorithm": {"name": "signum",
+                                                     "adversaries": [4, 1]}}).algorithm
+    assert listed.adversaries == (4, 1) and adversary_ranks(listed.adversaries, 5) == (1, 4)
+    with pytest.raises(ConfigError, match="rank 4 does not exist"):
+        listed.check_world(4)
+    with pytest.raises(ConfigError, match="listed twice"):
+        config_from_dict({**BASE, "algorithm": {"name": "signum", "adversaries": [1, 1]}}
+                         ).algorithm.check_world(4)
+    with pytest.raises(ConfigError, match="must be in"):
+        config_from_dict({**BASE, "algorithm": {"name": "signum", "adversaries": -1}})
+    with pytest.raises(ConfigError, match="invert, random"):
+        config_from_dict({**BASE, "algorithm": {"name": "signum", "adversary": "flip"}})
