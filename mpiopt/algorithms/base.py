@@ -129,6 +129,10 @@ class Context:
         """Return seconds since the run started."""
         return time.perf_counter() - self.start
 
+    def restart_clock(self) -> None:
+        """Start the run's clock now: setup (allocation, kernel loading) is not run time."""
+        self.start = time.perf_counter()
+
     def out_of_time(self) -> bool:
         """Return True when the run's wall-time budget is spent."""
         limit = self.cfg.run.time_limit_s
@@ -213,6 +217,7 @@ class SynchronousAlgorithm(Algorithm):
     def run(self) -> None:
         ctx = self.ctx
         self.setup()
+        ctx.restart_clock()
         for step in range(ctx.steps):
             # Every rank must stop at the same step: rank 0's clock decides.
             if ctx.cfg.run.time_limit_s is not None and self._agree_out_of_time():

@@ -235,6 +235,7 @@ class Gossip:
             x += peer
             x *= 0.5
         took = time.perf_counter() - t0
+        self.t._charge(Channel.GOSSIP, 0, 0, took)  # the step's communication time
         self.blocked_s += took
         self.longest_s = max(self.longest_s, took)
         self.interactions += 1
@@ -314,6 +315,7 @@ class Swarm(SynchronousAlgorithm):
     def run(self) -> None:
         ctx = self.ctx
         self.setup()
+        ctx.restart_clock()
         gossip = self.gossip
         left = self._draw_h()
         step = 0

@@ -174,3 +174,24 @@ def test_adversaries_take_a_count_or_ranks_checked_against_the_world():
         config_from_dict({**BASE, "algorithm": {"name": "signum", "adversaries": -1}})
     with pytest.raises(ConfigError, match="invert, random"):
         config_from_dict({**BASE, "algorithm": {"name": "signum", "adversary": "flip"}})
+
+
+def test_swarm_keys_are_checked():
+    cfg = config_from_dict({**BASE, "algorithm": {"name": "swarm", "slow_ranks": [3],
+                                                  "quantize": "lattice8"}})
+    cfg.algorithm.check_world(4)
+    with pytest.raises(ConfigError, match="rank 3 does not exist") as e:
+        cfg.algorithm.check_world(3)
+    assert e.value.key == "algorithm.slow_ranks"
+    assert "none, fp16, lattice16, lattice8" in error_of(
+        config_from_dict, {**BASE, "algorithm": {"name": "swarm", "quantize": "int4"}})
+    assert "pull, pairwise" in error_of(
+        config_from_dict, {**BASE, "algorithm": {"name": "swarm", "mode": "push"}})
+    lattice = cfg.algorithm.compressor(4)
+    assert lattice.params["q"] == 256 and lattice.params["eps"] == 0.0035
+    sixteen = config_from_dict({**BASE, "algorithm": {"name": "swarm",
+                                                      "quantize": "lattice16"}}).algorithm
+    assert sixteen.compressor(7).params["eps"] == 0.0035 / 7
+    with pytest.raises(ConfigError, match="random_regular"):
+        config_from_dict({**BASE, "algorithm": {"name": "swarm", "topology": "star"}}
+                         ).algorithm.check_world(4)
