@@ -193,8 +193,18 @@ class Gossip:
         self.blocked_s = self.longest_s = 0.0
 
     def start(self, x) -> None:
-        """Publish the initial model and wait until every rank has (collective)."""
+        """Publish the initial model and wait until every rank has (collective).
+
+        Decoding our own copy once first loads (or compiles, on a fresh install) the kernels
+        here rather than in the first interaction: a rank that stops for seconds mid-run to
+        compile drags its partners back to its stale model.
+        """
         self.pub.publish(x, -1)
+        if self.comp is not None:
+            if self.comp.name == "lattice":
+                self.comp.decompress(self.pub.payload, self.peer, reference=x)
+            else:
+                self.comp.decompress(self.pub.payload, self.peer)
         self.t.barrier()
 
     def publish(self, x, step: int) -> None:

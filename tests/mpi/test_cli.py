@@ -34,8 +34,8 @@ INVALID = [
      "metrics_chunk, out, overwrite, progress_every_s, quiet, seed, steps, target_accuracy, "
      "time_limit_s"),
     ("unknown algorithm", lambda t: QUICK, ["--set", "algorithm.name=adam"],
-     "algorithm.name: unknown algorithm 'adam'; valid: allreduce, dpsgd_sync, local_sgd, "
-     "signsgd, signum"),
+     "algorithm.name: unknown algorithm 'adam'; valid: allreduce, dpsgd_sync, ef_signsgd, "
+     "local_sgd, signsgd, signum, swarm"),
     ("unknown problem", lambda t: QUICK, ["--set", "problem.name=cnn"],
      "problem.name: unknown problem 'cnn'; valid: mlp, softmax"),
     ("unknown dataset", lambda t: QUICK, ["--set", "data.name=mnist"],
