@@ -68,8 +68,8 @@ class _Published:
     only has to finish within one whole step of the publisher, not within its write.
     """
 
-    def __init__(self, transport, d: int, compressor, xp):
-        self.t, self.d, self.comp = transport, d, compressor
+    def __init__(self, transport, d: int, compressor, xp, direct: bool = True):
+        self.t, self.d, self.comp, self.direct = transport, d, compressor, direct
         self.payload = compressor.empty_payload(d, xp) if compressor else None
         self.peer_payload = compressor.empty_payload(d, xp) if compressor else None
         buffers = self.payload.buffers if compressor else ()
@@ -117,7 +117,7 @@ class _Published:
         this node is read by plain loads from its window memory; others by ``Get``.
         """
         win = self.win
-        view = win.shared_view(rank)
+        view = win.shared_view(rank) if self.direct else None
         while True:
             if view is not None:
                 head = view[:_HEADER].view(np.int64)
@@ -175,12 +175,15 @@ class Gossip:
         topology: the graph whose neighbours are partners.
         mode: ``pull`` or ``pairwise``.
         compressor: the encoding of the published copy (None: float32).
+        direct_reads: read node-local partners by loads from their window memory (False:
+            always ``Get``, as for partners on other nodes).
     """
 
-    def __init__(self, transport, d: int, topology, mode: str, compressor):
+    def __init__(self, transport, d: int, topology, mode: str, compressor,
+                 direct_reads: bool = True):
         self.t, self.topology, self.comp = transport, topology, compressor
         self.neighbors = topology.neighbors(transport.rank)
-        self.pub = _Published(transport, d, compressor, np)
+        self.pub = _Published(transport, d, compressor, np, direct_reads)
         self.inbox = None
         if mode == "pairwise":
             self.inbox = Window(transport, d, np.float32, Channel.GOSSIP)
@@ -312,7 +315,7 @@ class Swarm(SynchronousAlgorithm):
             raise ConfigError("swarm runs on host memory; use run.device: cpu",
                               key="run.device")
         self.gossip = Gossip(ctx.transport, int(self.x.size), cfg.topology_for(ctx.size),
-                             cfg.mode, cfg.compressor(ctx.size))
+                             cfg.mode, cfg.compressor(ctx.size), cfg.direct_reads)
         self.slow = cfg.slow_s if ctx.rank in cfg.slow_ranks else 0.0
         self.gossip.start(self.x)
 
@@ -408,6 +411,8 @@ class SwarmConfig(GraphKeys):
     lattice_eps: float | None = param(None, "Lattice step eps (default 0.0035/n for "
                                       "lattice16, 0.0035 for lattice8).", low=0,
                                       low_open=True)
+    direct_reads: bool = param(True, "Read partners on this node by direct loads from their "
+                               "window memory; false: always MPI Get.")
     slow_ranks: tuple[int, ...] = param((), "Ranks made slow on purpose (heterogeneous-speed "
                                         "experiments).", low=0)
     slow_s: float = param(0.0, "Seconds each slow rank sleeps after every local step.",

@@ -24,6 +24,15 @@ def test_averaging_with_lr_zero(n, mode, quantize, topologies):
     assert f"swarm checks passed on {n} ranks ({mode}, {quantize})" in res.stdout
 
 
+@pytest.mark.parametrize("n, mode", [(3, "pairwise"), (4, "pull")])
+def test_averaging_through_mpi_get(n, mode):
+    # The path of partners on other nodes: every read is a Get under the NOCHECK epoch.
+    res = launch(n, [*python_script("check_swarm.py"), mode, "lattice16", "ring", "complete"],
+                 env={"MPIOPT_TEST_GET": "1"}, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert f"swarm checks passed on {n} ranks ({mode}, lattice16)" in res.stdout
+
+
 def test_swarm_digits_accuracy_and_bytes(tmp_path):
     res = run(6, str(CONFIGS / "swarm-digits.yaml"), tmp_path / "s", "--quiet")
     assert res.returncode == 0, res.stderr
@@ -61,6 +70,18 @@ def test_reads_do_not_wait_for_a_stalled_partner(tmp_path):
             assert np.diff(times).max() < 0.5, (r, np.diff(times).max())
     # Half of the fast ranks' partners were the stalled rank: they kept interacting.
     assert min(info["interactions_per_rank"][:2]) > 1.5 * info["interactions_per_rank"][2]
+
+
+def test_get_reads_do_not_wait_for_a_stalled_partner(tmp_path):
+    cfg = write_config(tmp_path, {"algorithm": {"name": "swarm", "lr": 0.05, "momentum": 0.9,
+                                                "topology": "complete", "direct_reads": False},
+                                  "run": {"steps": 1_000_000, "time_limit_s": 3.0,
+                                          "eval_every": 0}})
+    res = run(3, cfg, tmp_path / "s", env={"MPIOPT_FAULT": "stall:rank=2:step=20:seconds=2"},
+              timeout=120)
+    assert res.returncode == 0, res.stderr
+    info = read_summary(tmp_path / "s")["algorithm_info"]
+    assert max(info["longest_interaction_s_per_rank"][:2]) < 0.25, info
 
 
 def test_ranks_of_different_speeds_stop_cleanly_twenty_times(tmp_path):
