@@ -69,6 +69,14 @@ ALGORITHMS = Registry("algorithm")
 REGISTRIES = {"problem": PROBLEMS, "data": DATASETS, "algorithm": ALGORITHMS}
 
 
+def check_ranks(ranks, world_size: int, key: str) -> None:
+    """Raise a ConfigError naming ``key`` if a listed rank is not in ``0..world_size-1``."""
+    bad = [r for r in ranks if r >= world_size]
+    if bad:
+        raise ConfigError(f"rank {bad[0]} does not exist: ranks are 0..{world_size - 1}",
+                          key=key)
+
+
 @dataclass(frozen=True)
 class Section:
     """Base of every configuration section: typed, validated, serialisable."""

@@ -36,7 +36,7 @@ import numpy as np
 from mpiopt import backend, kernels
 from mpiopt.algorithms.base import AlgorithmConfig, NonFiniteError, SynchronousAlgorithm
 from mpiopt.comm.transport import Channel
-from mpiopt.config import ALGORITHMS, param
+from mpiopt.config import ALGORITHMS, check_ranks, param
 from mpiopt.errors import ConfigError
 
 VOTES = ("sharded", "allgather", "server")
@@ -94,7 +94,7 @@ class Vote:
         for s in segs:
             if s.down is not None:
                 s.down.wait()
-            kernels.unpack_signs(self._result(s), s.e1 - s.e0, out=u[s.e0:s.e1])
+            kernels.unpack_signs(s.voted[: s.nb], s.e1 - s.e0, out=u[s.e0:s.e1])
         return u
 
     def _pack(self, s: _Segment, v, scratch) -> None:
@@ -144,10 +144,6 @@ class Vote:
                 t.bcast(s.voted, 0, Channel.VOTE_RESULT)
             else:
                 s.down = t.ibcast(s.voted, 0, Channel.VOTE_RESULT)
-
-    @staticmethod
-    def _result(s: _Segment):
-        return s.voted[: s.nb]
 
     def close_votes(self) -> int:
         """Count, among the coordinates this rank voted in the last call, the close ones.
@@ -353,10 +349,7 @@ class SignKeys(AlgorithmConfig):
                 raise ConfigError(f"{spec} adversaries but only {world_size} ranks",
                                   key="algorithm.adversaries")
             return
-        bad = [r for r in spec if r >= world_size]
-        if bad:
-            raise ConfigError(f"rank {bad[0]} does not exist: ranks are 0..{world_size - 1}",
-                              key="algorithm.adversaries")
+        check_ranks(spec, world_size, "algorithm.adversaries")
         if len(set(spec)) != len(spec):
             raise ConfigError(f"ranks listed twice in {list(spec)}", key="algorithm.adversaries")
 

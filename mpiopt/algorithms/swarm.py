@@ -45,7 +45,7 @@ from mpiopt.comm.transport import Channel, CommTimeout
 from mpiopt.comm.windows import Window
 from mpiopt.compressors import make_compressor
 from mpiopt.compressors.lattice import LatticeBoundError
-from mpiopt.config import ALGORITHMS, param
+from mpiopt.config import ALGORITHMS, check_ranks, param
 from mpiopt.errors import ConfigError
 
 MODES = ("pull", "pairwise")
@@ -204,10 +204,7 @@ class Gossip:
         """
         self.pub.publish(x, -1)
         if self.comp is not None:
-            if self.comp.name == "lattice":
-                self.comp.decompress(self.pub.payload, self.peer, reference=x)
-            else:
-                self.comp.decompress(self.pub.payload, self.peer)
+            self._decode(self.pub.payload, x)
         self.t.barrier()
 
     def publish(self, x, step: int) -> None:
@@ -215,17 +212,19 @@ class Gossip:
         self.pub.publish(x, step)
         self.pub.win.progress()
 
+    def _decode(self, payload, x):
+        """Decode ``payload`` into ``self.peer`` (the lattice against our own model ``x``)."""
+        if self.comp.name == "lattice":
+            return self.comp.decompress(payload, self.peer, reference=x)
+        return self.comp.decompress(payload, self.peer)
+
     def read(self, j: int, x):
         """Return partner ``j``'s published model as float32 (decoded against ``x``)."""
         timeout = self.t.timeout
         if self.comp is None:
             return self.pub.read_fp32(j, self.peer, timeout=timeout)
-        payload = self.pub.read_encoded(j, timeout)
         try:
-            if self.comp.name == "lattice":
-                self.comp.decompress(payload, self.peer, reference=x)
-            else:
-                self.comp.decompress(payload, self.peer)
+            self._decode(self.pub.read_encoded(j, timeout), x)
         except LatticeBoundError:
             self.fallbacks += 1
             self.pub.read_fp32(j, self.peer, timeout=timeout)
@@ -432,10 +431,7 @@ class SwarmConfig(GraphKeys):
 
     def check_world(self, world_size: int) -> None:
         super().check_world(world_size)
-        bad = [r for r in self.slow_ranks if r >= world_size]
-        if bad:
-            raise ConfigError(f"rank {bad[0]} does not exist: ranks are 0..{world_size - 1}",
-                              key="algorithm.slow_ranks")
+        check_ranks(self.slow_ranks, world_size, "algorithm.slow_ranks")
 
     def build(self, ctx) -> Swarm:
         return Swarm(self, ctx)

@@ -72,10 +72,6 @@ class Window:
         self._views[rank] = view
         return view
 
-    def charge(self, rank: int, nbytes: int, channel: Channel | None = None) -> None:
-        """Count ``nbytes`` moved from or to ``rank`` by direct loads or stores."""
-        self._charge(rank, nbytes, channel)
-
     @contextlib.contextmanager
     def locked(self, rank: int, mode: str = "shared"):
         """Hold a passive-target lock on ``rank``'s window (``shared`` or ``exclusive``)."""
@@ -91,7 +87,8 @@ class Window:
     # columns: what crosses the network at its request counts as sent and as received, so that
     # totals over ranks agree with two-sided traffic. Traffic to oneself is free.
 
-    def _charge(self, rank: int, nbytes: int, channel: Channel | None = None) -> None:
+    def charge(self, rank: int, nbytes: int, channel: Channel | None = None) -> None:
+        """Count ``nbytes`` moved from or to ``rank`` (also by direct loads or stores)."""
         if rank != self.transport.rank:
             self.transport._charge(self.channel if channel is None else channel, nbytes,
                                    nbytes, 0.0)
@@ -103,18 +100,18 @@ class Window:
         ``channel`` overrides the window's channel for this read's byte count (EVAL reads).
         """
         self.win.Get(out, rank, target=(offset, out.size, self._mpi_type))
-        self._charge(rank, out.nbytes, channel)
+        self.charge(rank, out.nbytes, channel)
         return out
 
     def put(self, buf: np.ndarray, rank: int, offset: int = 0) -> None:
         """Write ``buf`` into ``rank``'s window at ``offset`` (inside a lock)."""
         self.win.Put(buf, rank, target=(offset, buf.size, self._mpi_type))
-        self._charge(rank, buf.nbytes)
+        self.charge(rank, buf.nbytes)
 
     def accumulate(self, buf: np.ndarray, rank: int, offset: int = 0, op: str = "sum") -> None:
         """Combine ``buf`` into ``rank``'s window element-wise with ``op`` (atomic per element)."""
         self.win.Accumulate(buf, rank, target=(offset, buf.size, self._mpi_type), op=_OPS[op])
-        self._charge(rank, buf.nbytes)
+        self.charge(rank, buf.nbytes)
 
     def swap(self, buf: np.ndarray, out: np.ndarray, rank: int, offset: int = 0) -> np.ndarray:
         """Atomically (per element) replace ``rank``'s elements by ``buf``; old values to ``out``.
@@ -124,7 +121,7 @@ class Window:
         """
         self.win.Get_accumulate(buf, out, rank, target=(offset, buf.size, self._mpi_type),
                                 op=MPI.REPLACE)
-        self._charge(rank, buf.nbytes)
+        self.charge(rank, buf.nbytes)
         return out
 
     def open_epoch(self) -> None:
