@@ -15,8 +15,9 @@ The windows live in one passive-target epoch opened with ``MPI_MODE_NOCHECK`` fo
 run, so no operation waits for a lock: within a node MPICH reads the partner's memory directly
 and a ``Get`` from a rank that computes (no MPI calls) completes at once, which an MPI lock does
 not (its grant needs the target's progress; measured at 1.8 s behind a 2 s computation). Across
-nodes the loop enters MPI every step (``Window.progress``), and ``MPIR_CVAR_ASYNC_PROGRESS=1``
-helps fabrics without hardware RMA.
+nodes, on a fabric without hardware RMA, a ``Get`` needs the target to enter MPI: ranks read by
+peers on other nodes run a :class:`~mpiopt.comm.windows.ProgressThread` (``progress: auto``),
+which enters MPI every millisecond, so such a read waits milliseconds, not the partner's step.
 
 Modes. ``pull`` (the authors' code): the initiator averages its own model with the partner's
 copy, ``x_i <- (x_i + x_j)/2``; the partner does nothing. ``pairwise``: both ends move to the
@@ -42,13 +43,14 @@ import numpy as np
 
 from mpiopt.algorithms.base import GraphKeys, SynchronousAlgorithm
 from mpiopt.comm.transport import Channel, CommTimeout
-from mpiopt.comm.windows import Window
+from mpiopt.comm.windows import ProgressThread, Window, async_progress_enabled
 from mpiopt.compressors import make_compressor
 from mpiopt.compressors.lattice import LatticeBoundError
 from mpiopt.config import ALGORITHMS, check_ranks, param
 from mpiopt.errors import ConfigError
 
 MODES = ("pull", "pairwise")
+PROGRESS = ("auto", "thread", "none")
 QUANTIZERS = ("none", "fp16", "lattice16", "lattice8")
 _HEADER = 24  # int64 publishes started, publishes completed, step
 
@@ -177,13 +179,30 @@ class Gossip:
         compressor: the encoding of the published copy (None: float32).
         direct_reads: read node-local partners by loads from their window memory (False:
             always ``Get``, as for partners on other nodes).
+        progress: ``thread``: run a :class:`ProgressThread` from :meth:`start` to
+            :meth:`stop`; ``none``: only enter MPI once per step; ``auto``: a thread if a
+            rank that reads this one (a neighbour, or rank 0 for evaluations) is on another
+            node, unless MPICH's own progress thread is on.
+        progress_interval: seconds between two entries into MPI of the progress thread.
     """
 
     def __init__(self, transport, d: int, topology, mode: str, compressor,
-                 direct_reads: bool = True):
+                 direct_reads: bool = True, progress: str = "auto",
+                 progress_interval: float = 1e-3):
         self.t, self.topology, self.comp = transport, topology, compressor
         self.neighbors = topology.neighbors(transport.rank)
         self.pub = _Published(transport, d, compressor, np, direct_reads)
+        readers = (set(self.neighbors) | {0}) - {transport.rank}
+        self.remote_readers = sorted(r for r in readers if self.pub.win.shared_view(r) is None)
+        want = progress == "thread" or (progress == "auto" and bool(self.remote_readers)
+                                        and not async_progress_enabled())
+        if want and not ProgressThread.supported():
+            if progress == "thread":
+                raise ConfigError("thread needs MPI thread level "
+                                  "'multiple'", key="algorithm.progress")
+            want = False  # auto: fall back to the per-step entry into MPI
+        self.progress_comm = transport.comm.Dup()  # collective: every rank makes one
+        self.progress = ProgressThread(self.progress_comm, progress_interval) if want else None
         self.inbox = None
         if mode == "pairwise":
             self.inbox = Window(transport, d, np.float32, Channel.GOSSIP)
@@ -205,6 +224,8 @@ class Gossip:
         self.pub.publish(x, -1)
         if self.comp is not None:
             self._decode(self.pub.payload, x)
+        if self.progress is not None:
+            self.progress.start()
         self.t.barrier()
 
     def publish(self, x, step: int) -> None:
@@ -284,13 +305,20 @@ class Gossip:
                 raise CommTimeout(done.describe(f"timed out after {t.timeout:g} s waiting for "
                                                 "the other ranks to finish"))
             time.sleep(5e-4)
+        polls = 0
+        if self.progress is not None:  # everyone is past its last operation
+            self.progress.stop()
+            polls = self.progress.polls
         if self.inbox is not None:
             self.drain(x)
             self.inbox.free()
         self.pub.free()
+        self.progress_comm.Free()
         mine = {"interactions": self.interactions, "fallbacks": self.fallbacks,
                 "retries": self.pub.retries, "blocked_s": self.blocked_s,
-                "longest_s": self.longest_s, "gossip_bytes": t.stats[Channel.GOSSIP].recv}
+                "longest_s": self.longest_s, "gossip_bytes": t.stats[Channel.GOSSIP].recv,
+                "progress_thread": self.progress is not None, "progress_polls": polls,
+                "remote_readers": len(self.remote_readers)}
         return t.allgather_obj(mine)
 
     def read_all(self, x, channel=Channel.EVAL) -> list:
@@ -314,7 +342,8 @@ class Swarm(SynchronousAlgorithm):
             raise ConfigError("swarm runs on host memory; use run.device: cpu",
                               key="run.device")
         self.gossip = Gossip(ctx.transport, int(self.x.size), cfg.topology_for(ctx.size),
-                             cfg.mode, cfg.compressor(ctx.size), cfg.direct_reads)
+                             cfg.mode, cfg.compressor(ctx.size), cfg.direct_reads,
+                             cfg.progress, cfg.progress_interval_s)
         self.slow = cfg.slow_s if ctx.rank in cfg.slow_ranks else 0.0
         self.gossip.start(self.x)
 
@@ -365,6 +394,8 @@ class Swarm(SynchronousAlgorithm):
             "torn_read_retries": sum(r["retries"] for r in tot),
             "rma_blocked_s_per_rank": [r["blocked_s"] for r in tot],
             "longest_interaction_s_per_rank": [r["longest_s"] for r in tot],
+            "progress_thread_per_rank": [r["progress_thread"] for r in tot],
+            "remote_readers_per_rank": [r["remote_readers"] for r in tot],
             "mode": self.cfg.mode, "quantize": self.cfg.quantize,
         }
 
@@ -412,6 +443,13 @@ class SwarmConfig(GraphKeys):
                                       low_open=True)
     direct_reads: bool = param(True, "Read partners on this node by direct loads from their "
                                "window memory; false: always MPI Get.")
+    progress: str = param("auto", "Progress of reads that target a computing rank from "
+                          "another node: thread (a helper thread enters MPI every "
+                          "progress_interval_s), none (once per step), auto (a thread on ranks "
+                          "read from other nodes, unless MPIR_CVAR_ASYNC_PROGRESS=1).",
+                          choices=PROGRESS)
+    progress_interval_s: float = param(0.001, "Seconds between two entries into MPI of the "
+                                       "progress thread.", low=0, low_open=True)
     slow_ranks: tuple[int, ...] = param((), "Ranks made slow on purpose (heterogeneous-speed "
                                         "experiments).", low=0)
     slow_s: float = param(0.0, "Seconds each slow rank sleeps after every local step.",

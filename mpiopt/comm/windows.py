@@ -2,20 +2,24 @@
 
 MPICH progresses passive-target RMA only while the target rank is inside MPI: a ``Get`` from a
 rank that computes without calling MPI waits for it. Asynchronous algorithms therefore either
-read node-local peers through :class:`SharedWindow` (plain loads from shared memory, no progress
-needed), or run with asynchronous progress (``MPIR_CVAR_ASYNC_PROGRESS=1``), or call
-:meth:`Window.progress` from their loops.
+read node-local peers directly (:class:`SharedWindow`, or :meth:`Window.shared_view` of an
+RMA window: plain loads from shared memory, no progress needed), or run a
+:class:`ProgressThread` (a helper thread that enters MPI every millisecond), or run with MPICH's
+asynchronous progress (``MPIR_CVAR_ASYNC_PROGRESS=1``), or call :meth:`Window.progress` from
+their loops.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import threading
 import time
 
 import numpy as np
 from mpi4py import MPI
 
-from mpiopt.comm.transport import Channel, Transport
+from mpiopt.comm.transport import Channel, CommTimeout, Transport
 
 _LOCKS = {"exclusive": MPI.LOCK_EXCLUSIVE, "shared": MPI.LOCK_SHARED}
 _OPS = {"sum": MPI.SUM, "replace": MPI.REPLACE, "max": MPI.MAX, "min": MPI.MIN}
@@ -217,3 +221,67 @@ class SharedWindow:
             self._views = []
             self.local = None
             self.win.Free()
+
+
+def async_progress_enabled() -> bool:
+    """True if MPICH runs its own progress thread (``MPIR_CVAR_ASYNC_PROGRESS=1``)."""
+    return os.environ.get("MPIR_CVAR_ASYNC_PROGRESS", "0") == "1"
+
+
+class ProgressThread:
+    """A helper thread that enters MPI every ``interval`` seconds.
+
+    Passive-target operations that other ranks direct at this rank's windows (a ``Get`` of
+    its published model, an ``Accumulate`` into its inbox) need this rank's MPI progress
+    unless the hardware or shared memory does the transfer. While the main thread computes,
+    the helper's ``Iprobe`` on a private communicator drives MPICH's progress engine, so a
+    remote reader waits about ``interval`` (plus up to one interpreter switch interval, 5 ms,
+    while the main thread runs Python code) instead of a whole computation. Needs the
+    ``multiple`` thread level (mpi4py's default).
+
+    Args:
+        comm: a communicator private to this use (probing never matches a message on it).
+        interval: seconds between two entries into MPI.
+    """
+
+    def __init__(self, comm, interval: float = 1e-3):
+        self.comm = comm
+        self.interval = float(interval)
+        self.polls = 0
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mpiopt-progress", daemon=True)
+
+    @staticmethod
+    def supported() -> bool:
+        """True if MPI was initialised with the ``multiple`` thread level."""
+        return MPI.Query_thread() == MPI.THREAD_MULTIPLE
+
+    def start(self) -> ProgressThread:
+        if not self.supported():
+            raise RuntimeError("a progress thread needs MPI thread level 'multiple' (mpi4py's "
+                               "default; check mpi4py.rc.thread_level)")
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.wait(self.interval):
+                self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG)
+                self.polls += 1
+        except BaseException as exc:  # reported by stop() on the main thread
+            self.error = exc
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the thread; raise if it failed or does not end within ``timeout``."""
+        self._stop.set()
+        if self._thread.ident is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise CommTimeout(f"the MPI progress thread did not stop within {timeout:g} s")
+        if self.error is not None:
+            raise RuntimeError(f"the MPI progress thread failed: {self.error}") from self.error

@@ -33,6 +33,21 @@ def test_averaging_through_mpi_get(n, mode):
     assert f"swarm checks passed on {n} ranks ({mode}, lattice16)" in res.stdout
 
 
+# Partners on another node, emulated on one machine: MPICH's shared-memory path is off
+# (MPIR_CVAR_NOLOCAL) and UCX moves RMA over TCP, which has no hardware RMA, so a one-sided
+# operation completes only when its target enters MPI, as across nodes without RDMA.
+OTHER_NODES = {"MPIR_CVAR_NOLOCAL": "1", "UCX_TLS": "tcp,self"}
+
+
+@pytest.mark.parametrize("n, mode, quantize", [(3, "pairwise", "lattice16"),
+                                                (4, "pull", "fp16")])
+def test_averaging_across_emulated_nodes(n, mode, quantize):
+    res = launch(n, [*python_script("check_swarm.py"), mode, quantize, "ring", "complete"],
+                 env=OTHER_NODES, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert f"swarm checks passed on {n} ranks ({mode}, {quantize})" in res.stdout
+
+
 def test_swarm_digits_accuracy_and_bytes(tmp_path):
     res = run(6, str(CONFIGS / "swarm-digits.yaml"), tmp_path / "s", "--quiet")
     assert res.returncode == 0, res.stderr
@@ -62,6 +77,9 @@ def test_reads_do_not_wait_for_a_stalled_partner(tmp_path):
     # Stated bound: one interaction (a read and an average) finishes within 0.25 s even when
     # the partner computes; the median is tens of microseconds.
     assert max(info["longest_interaction_s_per_rank"][:2]) < 0.25, info
+    # One node: every peer is read directly, so progress: auto starts no thread.
+    assert info["remote_readers_per_rank"] == [0, 0, 0]
+    assert info["progress_thread_per_rank"] == [False] * 3
     steps = s["steps_per_rank"]
     assert min(steps[0], steps[1]) > 1.5 * steps[2], steps
     with h5py.File(tmp_path / "s" / "metrics.h5") as f:
@@ -98,3 +116,30 @@ def test_ranks_of_different_speeds_stop_cleanly_twenty_times(tmp_path):
         s = read_summary(out)
         assert s["steps_per_rank"] == [40, 40, 40]
         assert np.isfinite(s["final"]["loss"])
+
+
+def _stalled_run(tmp_path, name, progress, env):
+    cfg = write_config(tmp_path, {"algorithm": {"name": "swarm", "lr": 0.05, "momentum": 0.9,
+                                                "topology": "complete", "progress": progress},
+                                  "run": {"steps": 1_000_000, "time_limit_s": 3.0,
+                                          "eval_every": 0}}, name=f"{name}.yaml")
+    res = run(3, cfg, tmp_path / name,
+              env={"MPIOPT_FAULT": "stall:rank=2:step=20:seconds=2", **env}, timeout=120)
+    assert res.returncode == 0, res.stderr
+    return read_summary(tmp_path / name)["algorithm_info"]
+
+
+def test_progress_thread_serves_reads_from_other_nodes(tmp_path):
+    # Without progress the emulation reproduces the problem: a read of the stalled rank
+    # waits for its whole 2 s sleep.
+    slow = _stalled_run(tmp_path, "none", "none", OTHER_NODES)
+    assert slow["remote_readers_per_rank"] == [2, 2, 2]
+    assert slow["progress_thread_per_rank"] == [False] * 3
+    assert max(slow["longest_interaction_s_per_rank"][:2]) > 1.0, slow
+    # progress: auto starts the thread on ranks read from other nodes; the same reads then
+    # finish within the bound of the node-local test.
+    fast = _stalled_run(tmp_path, "auto", "auto", OTHER_NODES)
+    assert fast["progress_thread_per_rank"] == [True] * 3
+    assert max(fast["longest_interaction_s_per_rank"][:2]) < 0.25, fast
+    assert min(fast["interactions_per_rank"][:2]) > 2 * max(slow["interactions_per_rank"][:2])
+

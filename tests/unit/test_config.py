@@ -187,6 +187,10 @@ def test_swarm_keys_are_checked():
         config_from_dict, {**BASE, "algorithm": {"name": "swarm", "quantize": "int4"}})
     assert "pull, pairwise" in error_of(
         config_from_dict, {**BASE, "algorithm": {"name": "swarm", "mode": "push"}})
+    assert "auto, thread, none" in error_of(
+        config_from_dict, {**BASE, "algorithm": {"name": "swarm", "progress": "mpich"}})
+    assert "algorithm.progress_interval_s" in error_of(
+        config_from_dict, {**BASE, "algorithm": {"name": "swarm", "progress_interval_s": 0}})
     lattice = cfg.algorithm.compressor(4)
     assert lattice.params["q"] == 256 and lattice.params["eps"] == 0.0035
     sixteen = config_from_dict({**BASE, "algorithm": {"name": "swarm",
