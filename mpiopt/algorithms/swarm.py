@@ -5,11 +5,12 @@ Every rank, with no rounds and no barriers: take ``H`` local SGD steps (momentum
 topology and average with it.
 
 Publishing and reading. Each rank publishes its model into its own RMA window after every
-step: the encoded copy (``quantize``) and the float32 copy, alternating between two slots, with
-counters of publishes started and completed. A reader gets the counters, the slot of the last
-completed publish and the counters again; the copy is consistent unless the publisher has
-meanwhile started rewriting that slot (a sequence lock over two buffers: the publisher never
-waits, and a reader retries only if its read spans a whole step of the publisher).
+step: the encoded copy (``quantize``) and the float32 copy, in a ring of ``publish_slots``
+slots (default 2), with counters of publishes started and completed. A reader gets the
+counters, the slot of the last completed publish and the counters again; the copy is
+consistent unless the publisher has meanwhile started rewriting that slot (a sequence lock over
+K buffers: the publisher never waits, and a reader retries only if its read spans K - 1 whole
+steps of the publisher; more slots help where a read is slow against a step, as over TCP).
 
 The windows live in one passive-target epoch opened with ``MPI_MODE_NOCHECK`` for the whole
 run, so no operation waits for a lock: within a node MPICH reads the partner's memory directly
@@ -62,21 +63,23 @@ def _align(n: int) -> int:
 class _Published:
     """This rank's window and reads of any rank's.
 
-    Layout: a header of three int64 (publishes started, publishes completed, step), then two
+    Layout: a header of three int64 (publishes started, publishes completed, step), then K
     slots, each holding the encoded copy and the float32 copy. Publish ``p`` writes slot
-    ``p % 2`` between raising ``started`` and ``completed`` to ``p``. A reader takes the slot of
+    ``p % K`` between raising ``started`` and ``completed`` to ``p``. A reader takes the slot of
     the last completed publish ``c`` and re-reads ``started`` afterwards: the copy is
-    consistent unless publish ``c + 2`` (the next to reuse that slot) had started, so a read
-    only has to finish within one whole step of the publisher, not within its write.
+    consistent unless publish ``c + K`` (the next to reuse that slot) had started, so a read
+    only has to finish within K - 1 whole steps of the publisher, not within its write.
     """
 
-    def __init__(self, transport, d: int, compressor, xp, direct: bool = True):
+    def __init__(self, transport, d: int, compressor, xp, direct: bool = True,
+                 slots: int = 2):
         self.t, self.d, self.comp, self.direct = transport, d, compressor, direct
+        self.k = int(slots)
         self.payload = compressor.empty_payload(d, xp) if compressor else None
         self.peer_payload = compressor.empty_payload(d, xp) if compressor else None
         buffers = self.payload.buffers if compressor else ()
         self.offsets, self.fp32_offsets, off = [], [], _HEADER
-        for _ in range(2):
+        for _ in range(self.k):
             slot = []
             for buf in buffers:
                 slot.append(off)
@@ -88,7 +91,7 @@ class _Published:
         local = self.win.local
         self.header = local[:_HEADER].view(np.int64)
         self.slots = [[local[o: o + b.nbytes] for o, b in zip(self.offsets[k], buffers)]
-                      for k in range(2)]
+                      for k in range(self.k)]
         self.fp32 = [local[o: o + 4 * d].view(np.float32) for o in self.fp32_offsets]
         self.seen = np.zeros(3, np.int64)
         self.again = np.zeros(3, np.int64)
@@ -101,7 +104,7 @@ class _Published:
         p = int(h[1]) + 1
         h[0] = p  # started
         win.sync_local()
-        k = p % 2
+        k = p % self.k
         if self.comp is not None:
             payload, _ = self.comp.compress(x, (), out=self.payload)
             for slot, buf in zip(self.slots[k], payload.buffers):
@@ -126,7 +129,7 @@ class _Published:
                 c, step = int(head[1]), int(head[2])
                 win.sync_local()  # a memory barrier between the loads
                 nbytes = _HEADER
-                for out, off in regions(c % 2):
+                for out, off in regions(c % self.k):
                     out[...] = view[off: off + out.size]
                     nbytes += out.size
                 win.sync_local()
@@ -136,13 +139,13 @@ class _Published:
                 win.get(self.seen.view(np.uint8), rank, 0, channel)
                 win.flush(rank)
                 c, step = int(self.seen[1]), int(self.seen[2])
-                for out, off in regions(c % 2):
+                for out, off in regions(c % self.k):
                     win.get(out, rank, off, channel)
                 win.flush(rank)
                 win.get(self.again.view(np.uint8), rank, 0, channel)
                 win.flush(rank)
                 started = int(self.again[0])
-            if started <= c + 1:
+            if started < c + self.k:
                 return step
             self.retries += 1
             if time.monotonic() > deadline:
@@ -184,14 +187,15 @@ class Gossip:
             rank that reads this one (a neighbour, or rank 0 for evaluations) is on another
             node, unless MPICH's own progress thread is on.
         progress_interval: seconds between two entries into MPI of the progress thread.
+        slots: the number of slots the published copies rotate through.
     """
 
     def __init__(self, transport, d: int, topology, mode: str, compressor,
                  direct_reads: bool = True, progress: str = "auto",
-                 progress_interval: float = 1e-3):
+                 progress_interval: float = 1e-3, slots: int = 2):
         self.t, self.topology, self.comp = transport, topology, compressor
         self.neighbors = topology.neighbors(transport.rank)
-        self.pub = _Published(transport, d, compressor, np, direct_reads)
+        self.pub = _Published(transport, d, compressor, np, direct_reads, slots)
         readers = (set(self.neighbors) | {0}) - {transport.rank}
         self.remote_readers = sorted(r for r in readers if self.pub.win.shared_view(r) is None)
         want = progress == "thread" or (progress == "auto" and bool(self.remote_readers)
@@ -343,7 +347,7 @@ class Swarm(SynchronousAlgorithm):
                               key="run.device")
         self.gossip = Gossip(ctx.transport, int(self.x.size), cfg.topology_for(ctx.size),
                              cfg.mode, cfg.compressor(ctx.size), cfg.direct_reads,
-                             cfg.progress, cfg.progress_interval_s)
+                             cfg.progress, cfg.progress_interval_s, cfg.publish_slots)
         self.slow = cfg.slow_s if ctx.rank in cfg.slow_ranks else 0.0
         self.gossip.start(self.x)
 
@@ -443,6 +447,9 @@ class SwarmConfig(GraphKeys):
                                       low_open=True)
     direct_reads: bool = param(True, "Read partners on this node by direct loads from their "
                                "window memory; false: always MPI Get.")
+    publish_slots: int = param(2, "Slots the published copies rotate through; a read is "
+                               "retried only if it spans publish_slots - 1 whole steps of the "
+                               "partner (raise it where reads are slow against a step).", low=2)
     progress: str = param("auto", "Progress of reads that target a computing rank from "
                           "another node: thread (a helper thread enters MPI every "
                           "progress_interval_s), none (once per step), auto (a thread on ranks "

@@ -39,11 +39,11 @@ def test_averaging_through_mpi_get(n, mode):
 OTHER_NODES = {"MPIR_CVAR_NOLOCAL": "1", "UCX_TLS": "tcp,self"}
 
 
-@pytest.mark.parametrize("n, mode, quantize", [(3, "pairwise", "lattice16"),
-                                                (4, "pull", "fp16")])
-def test_averaging_across_emulated_nodes(n, mode, quantize):
+@pytest.mark.parametrize("n, mode, quantize, slots", [(3, "pairwise", "lattice16", 2),
+                                                       (4, "pull", "fp16", 3)])
+def test_averaging_across_emulated_nodes(n, mode, quantize, slots):
     res = launch(n, [*python_script("check_swarm.py"), mode, quantize, "ring", "complete"],
-                 env=OTHER_NODES, timeout=120)
+                 env={**OTHER_NODES, "MPIOPT_TEST_SLOTS": str(slots)}, timeout=120)
     assert res.returncode == 0, res.stderr
     assert f"swarm checks passed on {n} ranks ({mode}, {quantize})" in res.stdout
 

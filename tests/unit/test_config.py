@@ -189,6 +189,8 @@ def test_swarm_keys_are_checked():
         config_from_dict, {**BASE, "algorithm": {"name": "swarm", "mode": "push"}})
     assert "auto, thread, none" in error_of(
         config_from_dict, {**BASE, "algorithm": {"name": "swarm", "progress": "mpich"}})
+    assert "algorithm.publish_slots" in error_of(
+        config_from_dict, {**BASE, "algorithm": {"name": "swarm", "publish_slots": 1}})
     assert "algorithm.progress_interval_s" in error_of(
         config_from_dict, {**BASE, "algorithm": {"name": "swarm", "progress_interval_s": 0}})
     lattice = cfg.algorithm.compressor(4)
