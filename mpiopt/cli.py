@@ -152,7 +152,8 @@ def _bench_parser(sub) -> None:
     p.add_argument("--repeats", type=int, default=None, help="timed repetitions")
     p.add_argument("--steps", type=int, default=300, help="train: steps per repetition")
     p.add_argument("--algorithm", default=None,
-                   help="comm: time this algorithm's exchange step instead (signum)")
+                   help="comm: time this algorithm's exchange instead (signum: a vote "
+                        "step; swarm: reads of idle and busy partners)")
     p.add_argument("--size", type=int, default=64 * 2**20,
                    help="kernels: elements; comm --algorithm: the largest vector")
     p.add_argument("--threads", type=int, default=None, help="kernels: numba threads")

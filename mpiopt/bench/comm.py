@@ -102,7 +102,7 @@ def _fmt(nbytes: int) -> str:
     return f"{nbytes} B"
 
 
-STEP_BENCHES = ("signum",)  # algorithms whose exchange step ``--algorithm`` can time
+STEP_BENCHES = ("signum", "swarm")  # algorithms whose exchange ``--algorithm`` can time
 
 
 def run(max_mb: float = 64.0, repeats: int | None = None, json_path: str | None = None,
@@ -114,6 +114,10 @@ def run(max_mb: float = 64.0, repeats: int | None = None, json_path: str | None 
 
             raise ConfigError(f"{algorithm!r} has no communication benchmark; choose from "
                               f"{', '.join(STEP_BENCHES)}", key="--algorithm")
+        if algorithm == "swarm":
+            from mpiopt.bench import gossip
+
+            return gossip.run(min(max_elems, 1 << 22), repeats, json_path, out=out)
         from mpiopt.bench import vote
 
         return vote.run(max_elems, repeats, json_path, out=out)

@@ -170,3 +170,23 @@ def test_bench_comm_and_train_smoke(tmp_path):
     result = json.loads((tmp_path / "t.json").read_text())
     assert result["ranks"] == 2 and result["ratio"] > 0
     assert "ratio:" in res.stdout
+
+
+@pytest.mark.mpi
+def test_bench_comm_algorithm_steps(tmp_path):
+    res = launch(3, [*mpiopt_cmd(), "bench", "comm", "--algorithm", "signum", "--size", "4099",
+                     "--repeats", "2", "--json", str(tmp_path / "v.json")], timeout=120)
+    assert res.returncode == 0, res.stderr
+    rows = json.loads((tmp_path / "v.json").read_text())["vote"]
+    assert {r["transport"] for r in rows} >= {"sharded", "allgather", "server", "allreduce"}
+    assert all(r["d"] == 4099 and r["time_s"] > 0 for r in rows)
+    res = launch(3, [*mpiopt_cmd(), "bench", "comm", "--algorithm", "swarm", "--size", "65536",
+                     "--repeats", "5", "--json", str(tmp_path / "s.json")], timeout=120)
+    assert res.returncode == 0, res.stderr
+    rows = json.loads((tmp_path / "s.json").read_text())["reads"]
+    assert [r["path"] for r in rows] == ["raw Get, idle", "read, idle", "read, busy",
+                                         "lattice16, busy"]  # one node: no thread row
+    assert all(r["reads"] >= 1 and r["median_s"] > 0 for r in rows)
+    assert rows[0]["ratio"] == 1.0 and not rows[0]["remote"] and rows[0]["fallbacks"] == 0
+    res = launch(2, [*mpiopt_cmd(), "bench", "comm", "--algorithm", "swarmm"], timeout=60)
+    assert res.returncode == 2 and "signum, swarm" in res.stderr
