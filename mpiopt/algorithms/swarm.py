@@ -19,6 +19,8 @@ not (its grant needs the target's progress; measured at 1.8 s behind a 2 s compu
 nodes, on a fabric without hardware RMA, a ``Get`` needs the target to enter MPI: ranks read by
 peers on other nodes run a :class:`~mpiopt.comm.windows.ProgressThread` (``progress: auto``),
 which enters MPI every millisecond, so such a read waits milliseconds, not the partner's step.
+``rma_sync: locks`` keeps the authors' protocol instead (an exclusive lock on one's own window
+to publish, a shared lock on the partner's to read, every read a ``Get``), for comparison.
 
 Modes. ``pull`` (the authors' code): the initiator averages its own model with the partner's
 copy, ``x_i <- (x_i + x_j)/2``; the partner does nothing. ``pairwise``: both ends move to the
@@ -72,9 +74,10 @@ class _Published:
     """
 
     def __init__(self, transport, d: int, compressor, xp, direct: bool = True,
-                 slots: int = 2):
-        self.t, self.d, self.comp, self.direct = transport, d, compressor, direct
-        self.k = int(slots)
+                 slots: int = 2, locks: bool = False):
+        self.t, self.d, self.comp = transport, d, compressor
+        self.direct = direct and not locks
+        self.k, self.locks = int(slots), locks
         self.payload = compressor.empty_payload(d, xp) if compressor else None
         self.peer_payload = compressor.empty_payload(d, xp) if compressor else None
         buffers = self.payload.buffers if compressor else ()
@@ -96,10 +99,18 @@ class _Published:
         self.seen = np.zeros(3, np.int64)
         self.again = np.zeros(3, np.int64)
         self.retries = 0
-        self.win.open_epoch()
+        if not locks:
+            self.win.open_epoch()
 
     def publish(self, x, step: int) -> None:
         """Write ``x`` (encoded and float32) into the next slot of our window."""
+        if self.locks:  # the authors' protocol: an exclusive lock on our own window
+            with self.win.locked(self.t.rank, "exclusive"):
+                self._write(x, step)
+        else:
+            self._write(x, step)
+
+    def _write(self, x, step: int) -> None:
         win, h = self.win, self.header
         p = int(h[1]) + 1
         h[0] = p  # started
@@ -135,16 +146,11 @@ class _Published:
                 win.sync_local()
                 started = int(head[0])
                 win.charge(rank, nbytes + _HEADER, channel)
+            elif self.locks:  # the authors' protocol: a shared lock on the partner's window
+                with win.locked(rank, "shared"):
+                    started, c, step = self._get(rank, regions, channel)
             else:
-                win.get(self.seen.view(np.uint8), rank, 0, channel)
-                win.flush(rank)
-                c, step = int(self.seen[1]), int(self.seen[2])
-                for out, off in regions(c % self.k):
-                    win.get(out, rank, off, channel)
-                win.flush(rank)
-                win.get(self.again.view(np.uint8), rank, 0, channel)
-                win.flush(rank)
-                started = int(self.again[0])
+                started, c, step = self._get(rank, regions, channel)
             if started < c + self.k:
                 return step
             self.retries += 1
@@ -152,6 +158,19 @@ class _Published:
                 raise CommTimeout(f"swarm read of rank {rank}'s model found no consistent copy "
                                   f"within the deadline (peer {rank}, tag GOSSIP, step "
                                   f"{self.t.step})")
+
+    def _get(self, rank: int, regions, channel) -> tuple[int, int, int]:
+        """Get the counters, the last completed slot and the counters again (flushed)."""
+        win = self.win
+        win.get(self.seen.view(np.uint8), rank, 0, channel)
+        win.flush(rank)
+        c, step = int(self.seen[1]), int(self.seen[2])
+        for out, off in regions(c % self.k):
+            win.get(out, rank, off, channel)
+        win.flush(rank)
+        win.get(self.again.view(np.uint8), rank, 0, channel)
+        win.flush(rank)
+        return int(self.again[0]), c, step
 
     def read_fp32(self, rank: int, out, channel=None, timeout: float = 300.0):
         """Read ``rank``'s float32 copy into ``out``."""
@@ -188,14 +207,16 @@ class Gossip:
             node, unless MPICH's own progress thread is on.
         progress_interval: seconds between two entries into MPI of the progress thread.
         slots: the number of slots the published copies rotate through.
+        locks: publish under an exclusive MPI lock on our window and read under a shared
+            lock on the partner's, by ``Get`` (the authors' protocol; ``pull`` mode only).
     """
 
     def __init__(self, transport, d: int, topology, mode: str, compressor,
                  direct_reads: bool = True, progress: str = "auto",
-                 progress_interval: float = 1e-3, slots: int = 2):
+                 progress_interval: float = 1e-3, slots: int = 2, locks: bool = False):
         self.t, self.topology, self.comp = transport, topology, compressor
         self.neighbors = topology.neighbors(transport.rank)
-        self.pub = _Published(transport, d, compressor, np, direct_reads, slots)
+        self.pub = _Published(transport, d, compressor, np, direct_reads, slots, locks)
         readers = (set(self.neighbors) | {0}) - {transport.rank}
         self.remote_readers = sorted(r for r in readers if self.pub.win.shared_view(r) is None)
         want = progress == "thread" or (progress == "auto" and bool(self.remote_readers)
@@ -347,7 +368,8 @@ class Swarm(SynchronousAlgorithm):
                               key="run.device")
         self.gossip = Gossip(ctx.transport, int(self.x.size), cfg.topology_for(ctx.size),
                              cfg.mode, cfg.compressor(ctx.size), cfg.direct_reads,
-                             cfg.progress, cfg.progress_interval_s, cfg.publish_slots)
+                             cfg.progress, cfg.progress_interval_s, cfg.publish_slots,
+                             cfg.rma_sync == "locks")
         self.slow = cfg.slow_s if ctx.rank in cfg.slow_ranks else 0.0
         self.gossip.start(self.x)
 
@@ -447,6 +469,11 @@ class SwarmConfig(GraphKeys):
                                       low_open=True)
     direct_reads: bool = param(True, "Read partners on this node by direct loads from their "
                                "window memory; false: always MPI Get.")
+    rma_sync: str = param("epoch", "epoch: one MPI_MODE_NOCHECK epoch for the run and a "
+                          "sequence lock, so no read waits for a partner; locks: the authors' "
+                          "exclusive lock to publish and shared lock to read (a lock grant "
+                          "waits for the partner's MPI progress; pull mode only).",
+                          choices=("epoch", "locks"))
     publish_slots: int = param(2, "Slots the published copies rotate through; a read is "
                                "retried only if it spans publish_slots - 1 whole steps of the "
                                "partner (raise it where reads are slow against a step).", low=2)
@@ -477,6 +504,12 @@ class SwarmConfig(GraphKeys):
     def check_world(self, world_size: int) -> None:
         super().check_world(world_size)
         check_ranks(self.slow_ranks, world_size, "algorithm.slow_ranks")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.rma_sync == "locks" and self.mode != "pull":
+            raise ConfigError("locks is the authors' pull protocol; use mode: pull, or "
+                              "rma_sync: epoch with mode: pairwise", key="algorithm.rma_sync")
 
     def build(self, ctx) -> Swarm:
         return Swarm(self, ctx)

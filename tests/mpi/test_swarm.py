@@ -48,6 +48,13 @@ def test_averaging_across_emulated_nodes(n, mode, quantize, slots):
     assert f"swarm checks passed on {n} ranks ({mode}, {quantize})" in res.stdout
 
 
+def test_averaging_under_mpi_locks():
+    res = launch(4, [*python_script("check_swarm.py"), "pull", "lattice16", "ring", "complete"],
+                 env={"MPIOPT_TEST_LOCKS": "1"}, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "swarm checks passed on 4 ranks (pull, lattice16)" in res.stdout
+
+
 def test_swarm_digits_accuracy_and_bytes(tmp_path):
     res = run(6, str(CONFIGS / "swarm-digits.yaml"), tmp_path / "s", "--quiet")
     assert res.returncode == 0, res.stderr
@@ -118,9 +125,10 @@ def test_ranks_of_different_speeds_stop_cleanly_twenty_times(tmp_path):
         assert np.isfinite(s["final"]["loss"])
 
 
-def _stalled_run(tmp_path, name, progress, env):
+def _stalled_run(tmp_path, name, progress, env, **keys):
     cfg = write_config(tmp_path, {"algorithm": {"name": "swarm", "lr": 0.05, "momentum": 0.9,
-                                                "topology": "complete", "progress": progress},
+                                                "topology": "complete", "progress": progress,
+                                                **keys},
                                   "run": {"steps": 1_000_000, "time_limit_s": 3.0,
                                           "eval_every": 0}}, name=f"{name}.yaml")
     res = run(3, cfg, tmp_path / name,
@@ -143,3 +151,14 @@ def test_progress_thread_serves_reads_from_other_nodes(tmp_path):
     assert max(fast["longest_interaction_s_per_rank"][:2]) < 0.25, fast
     assert min(fast["interactions_per_rank"][:2]) > 2 * max(slow["interactions_per_rank"][:2])
 
+
+
+def test_mpi_locks_wait_for_a_stalled_partner(tmp_path):
+    # Why rma_sync: epoch is the default: under the authors' locks, even within a node, a
+    # read of a partner that sleeps 2 s waits for the lock grant, which needs its progress.
+    info = _stalled_run(tmp_path, "locks", "none", {}, rma_sync="locks")
+    assert max(info["longest_interaction_s_per_rank"][:2]) > 1.0, info
+    # A progress thread on the sleeping rank grants the locks in time.
+    info = _stalled_run(tmp_path, "locks_thread", "thread", {}, rma_sync="locks")
+    assert info["progress_thread_per_rank"] == [True] * 3
+    assert max(info["longest_interaction_s_per_rank"][:2]) < 0.25, info

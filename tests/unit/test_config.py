@@ -189,6 +189,10 @@ def test_swarm_keys_are_checked():
         config_from_dict, {**BASE, "algorithm": {"name": "swarm", "mode": "push"}})
     assert "auto, thread, none" in error_of(
         config_from_dict, {**BASE, "algorithm": {"name": "swarm", "progress": "mpich"}})
+    assert "mode: pull" in error_of(config_from_dict, {**BASE, "algorithm": {
+        "name": "swarm", "rma_sync": "locks", "mode": "pairwise"}})
+    assert "epoch, locks" in error_of(
+        config_from_dict, {**BASE, "algorithm": {"name": "swarm", "rma_sync": "lock"}})
     assert "algorithm.publish_slots" in error_of(
         config_from_dict, {**BASE, "algorithm": {"name": "swarm", "publish_slots": 1}})
     assert "algorithm.progress_interval_s" in error_of(

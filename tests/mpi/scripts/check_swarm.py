@@ -8,7 +8,7 @@ the models to consensus; a lattice-decoded copy is within eps/2 of the partner's
 model, and a reference beyond the distance bound falls back to the float32 copy (counted).
 
 Usage: check_swarm.py MODE QUANTIZE TOPOLOGY... (MPIOPT_TEST_GET=1: reads by MPI Get only;
-MPIOPT_TEST_SLOTS=K: K publish slots)
+MPIOPT_TEST_SLOTS=K: K publish slots; MPIOPT_TEST_LOCKS=1: MPI locks, pull mode only)
 """
 
 import os
@@ -35,7 +35,8 @@ for spec in topologies:
                       lattice_eps=1e-3 if quantize.startswith("lattice") else None)
     gossip = Gossip(t, d, build_topology(spec, n, 0), mode, cfg.compressor(n),
                     direct_reads=os.environ.get("MPIOPT_TEST_GET") != "1",
-                    slots=int(os.environ.get("MPIOPT_TEST_SLOTS", "2")))
+                    slots=int(os.environ.get("MPIOPT_TEST_SLOTS", "2")),
+                    locks=os.environ.get("MPIOPT_TEST_LOCKS") == "1")
     gossip.start(x)
     for step in range(60 if n > 1 else 3):
         gossip.drain(x)
