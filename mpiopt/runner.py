@@ -73,6 +73,9 @@ def prepare(transport: Transport, config_path: str, overrides: list[str]):
         cfg = load_config(config_path, overrides)
         for section in (cfg.problem, cfg.data, cfg.algorithm):
             section.check_world(transport.size)
+        if cfg.algorithm.HOST_ONLY and cfg.run.device == "gpu":
+            raise ConfigError(f"{cfg.algorithm.NAME} runs on host memory; valid: cpu, auto",
+                              key="run.device")
         return cfg, (_run_dir(cfg) if transport.rank == 0 else None)
 
     cfg, out = agree(transport, check)
@@ -82,7 +85,7 @@ def prepare(transport: Transport, config_path: str, overrides: list[str]):
 def build_problem(transport: Transport, cfg: Config):
     """Load this rank's shard and build the problem (every rank; errors agreed)."""
     def build():
-        xp = backend.select(cfg.run.device)
+        xp = backend.select("cpu" if cfg.algorithm.HOST_ONLY else cfg.run.device)
         shard = cfg.data.load(transport.rank, transport.size, cfg.run.seed,
                               with_test=transport.rank == 0)
         n = shard.x_train.shape[0]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -25,6 +25,8 @@ from mpiopt.optim import SCHEDULES, SGD, make_schedule
 @dataclass(frozen=True)
 class AlgorithmConfig(Section):
     """Keys common to every algorithm: the learning rate and its schedule."""
+
+    HOST_ONLY: ClassVar[bool] = False  # True: runs on host memory (run.device auto means cpu)
 
     lr: float = param(0.1, "Base learning rate.", low=0, low_open=True)
     schedule: str = param("constant", "Learning-rate schedule after warm-up.",

@@ -363,9 +363,6 @@ class Swarm(SynchronousAlgorithm):
     def setup(self) -> None:
         super().setup()
         ctx, cfg = self.ctx, self.cfg
-        if ctx.xp is not np:
-            raise ConfigError("swarm runs on host memory; use run.device: cpu",
-                              key="run.device")
         self.gossip = Gossip(ctx.transport, int(self.x.size), cfg.topology_for(ctx.size),
                              cfg.mode, cfg.compressor(ctx.size), cfg.direct_reads,
                              cfg.progress, cfg.progress_interval_s, cfg.publish_slots,
@@ -452,6 +449,8 @@ class Swarm(SynchronousAlgorithm):
 @dataclass(frozen=True)
 class SwarmConfig(GraphKeys):
     """SwarmSGD: asynchronous local steps and random pairwise averaging over RMA."""
+
+    HOST_ONLY = True  # windows and shared-memory reads are host memory
 
     topology: Any = param("complete", "Graph over ranks: complete, ring, torus, hypercube, "
                           "random_regular:k, or a list of [i, j] edges.")

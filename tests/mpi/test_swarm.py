@@ -55,6 +55,14 @@ def test_averaging_under_mpi_locks():
     assert "swarm checks passed on 4 ranks (pull, lattice16)" in res.stdout
 
 
+def test_gpu_device_is_refused_before_anything_is_written(tmp_path):
+    cfg = write_config(tmp_path, {"algorithm": {"name": "swarm"}, "run": {"device": "gpu"}})
+    res = run(2, cfg, tmp_path / "s")
+    assert res.returncode == 2
+    assert res.stderr.count("run.device: swarm runs on host memory; valid: cpu, auto") == 1
+    assert "Traceback" not in res.stderr and not (tmp_path / "s").exists()
+
+
 def test_swarm_digits_accuracy_and_bytes(tmp_path):
     res = run(6, str(CONFIGS / "swarm-digits.yaml"), tmp_path / "s", "--quiet")
     assert res.returncode == 0, res.stderr
