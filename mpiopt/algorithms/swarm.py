@@ -228,6 +228,13 @@ class Gossip:
             want = False  # auto: fall back to the per-step entry into MPI
         self.progress_comm = transport.comm.Dup()  # collective: every rank makes one
         self.progress = ProgressThread(self.progress_comm, progress_interval) if want else None
+        unserved = bool(self.remote_readers) and not want and progress != "none" and \
+            not async_progress_enabled()
+        if transport.allreduce_scalar(float(unserved), op="max") and transport.rank == 0:
+            print("mpiopt: warning: peers on other nodes read ranks that run no progress thread "
+                  "(MPI thread level is not 'multiple'); their reads may wait up to a whole "
+                  "step of the partner. Set MPIR_CVAR_ASYNC_PROGRESS=1 or mpi4py.rc.thread_level"
+                  " = 'multiple'.", flush=True)
         self.inbox = None
         if mode == "pairwise":
             self.inbox = Window(transport, d, np.float32, Channel.GOSSIP)
@@ -503,6 +510,10 @@ class SwarmConfig(GraphKeys):
     def check_world(self, world_size: int) -> None:
         super().check_world(world_size)
         check_ranks(self.slow_ranks, world_size, "algorithm.slow_ranks")
+        if self.progress == "thread" and not ProgressThread.supported():
+            raise ConfigError("thread needs MPI thread level 'multiple' (set "
+                              "mpi4py.rc.thread_level or MPI4PY_RC_THREAD_LEVEL); valid "
+                              "here: auto, none", key="algorithm.progress")
 
     def validate(self) -> None:
         super().validate()

@@ -170,3 +170,19 @@ def test_mpi_locks_wait_for_a_stalled_partner(tmp_path):
     info = _stalled_run(tmp_path, "locks_thread", "thread", {}, rma_sync="locks")
     assert info["progress_thread_per_rank"] == [True] * 3
     assert max(info["longest_interaction_s_per_rank"][:2]) < 0.25, info
+
+
+def test_without_thread_level_multiple(tmp_path):
+    serialized = {**OTHER_NODES, "MPI4PY_RC_THREAD_LEVEL": "serialized"}
+    cfg = write_config(tmp_path, {"algorithm": {"name": "swarm", "progress": "thread"}})
+    res = run(2, cfg, tmp_path / "t", env=serialized)
+    assert res.returncode == 2 and not (tmp_path / "t").exists()
+    assert res.stderr.count("algorithm.progress: thread needs MPI thread level 'multiple'") == 1
+    # auto runs on, one MPI entry per step, and says once that remote reads may wait.
+    cfg = write_config(tmp_path, {"algorithm": {"name": "swarm"}}, name="auto.yaml")
+    res = run(2, cfg, tmp_path / "a", env=serialized)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("run no progress thread") == 1
+    info = read_summary(tmp_path / "a")["algorithm_info"]
+    assert info["progress_thread_per_rank"] == [False, False]
+    assert info["remote_readers_per_rank"] == [1, 1]
