@@ -17,13 +17,14 @@ partners are on other nodes (``progress: auto`` starts a thread), ``busy, no thr
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import numpy as np
 from mpi4py import MPI
 
 from mpiopt.comm.topology import build_topology
-from mpiopt.comm.transport import Transport
+from mpiopt.comm.transport import CommTimeout, Transport
 
 BUSY_S = 0.5  # how long a busy partner computes without entering MPI
 
@@ -42,6 +43,17 @@ def _compute(seconds: float) -> None:
         a /= a.max()
 
 
+def _idle(t: Transport) -> None:
+    """Stay inside MPI (polling a barrier, yielding the core between polls) until all arrive."""
+    req = t.comm.Ibarrier()
+    deadline = time.monotonic() + t.timeout
+    while not req.Test():
+        os.sched_yield()  # oversubscribed: let the reader run
+        if time.monotonic() > deadline:
+            raise CommTimeout(f"rank {t.rank}: the benchmark's barrier (tag CONTROL) did not "
+                              f"complete within {t.timeout:g} s")
+
+
 def _reads(t: Transport, fn, busy: bool, reads: int) -> list[float]:
     """Rank 0 times up to ``reads`` calls of ``fn(peer)``; the others idle or compute."""
     times: list[float] = []
@@ -55,11 +67,11 @@ def _reads(t: Transport, fn, busy: bool, reads: int) -> list[float]:
             if busy and time.perf_counter() > stop:
                 break
         if not busy:
-            t.comm.Ibarrier().Wait()
+            _idle(t)
     elif busy:
         _compute(BUSY_S)
     else:
-        t.comm.Ibarrier().Wait()  # inside MPI until rank 0 is done
+        _idle(t)
     t.barrier()
     return times
 
