@@ -45,8 +45,8 @@ from typing import Any
 import numpy as np
 
 from mpiopt.algorithms.base import GraphKeys, SynchronousAlgorithm
-from mpiopt.comm.transport import Channel, CommTimeout
-from mpiopt.comm.windows import ProgressThread, Window, async_progress_enabled
+from mpiopt.comm.transport import Channel, CommTimeout, async_progress_enabled
+from mpiopt.comm.windows import ProgressThread, Window
 from mpiopt.compressors import make_compressor
 from mpiopt.compressors.lattice import LatticeBoundError
 from mpiopt.config import ALGORITHMS, check_ranks, param
@@ -219,17 +219,14 @@ class Gossip:
         self.pub = _Published(transport, d, compressor, np, direct_reads, slots, locks)
         readers = (set(self.neighbors) | {0}) - {transport.rank}
         self.remote_readers = sorted(r for r in readers if self.pub.win.shared_view(r) is None)
-        want = progress == "thread" or (progress == "auto" and bool(self.remote_readers)
-                                        and not async_progress_enabled())
-        if want and not ProgressThread.supported():
-            if progress == "thread":
-                raise ConfigError("thread needs MPI thread level "
-                                  "'multiple'", key="algorithm.progress")
-            want = False  # auto: fall back to the per-step entry into MPI
-        self.progress_comm = transport.comm.Dup()  # collective: every rank makes one
-        self.progress = ProgressThread(self.progress_comm, progress_interval) if want else None
-        unserved = bool(self.remote_readers) and not want and progress != "none" and \
+        # progress: thread below thread level multiple is refused by SwarmConfig.check_world
+        # (and by ProgressThread.start); auto then falls back to the per-step entry into MPI.
+        needed = progress == "auto" and bool(self.remote_readers) and \
             not async_progress_enabled()
+        unserved = needed and not ProgressThread.supported()
+        self.progress_comm = transport.comm.Dup()  # collective: every rank makes one
+        self.progress = (ProgressThread(self.progress_comm, progress_interval)
+                         if progress == "thread" or (needed and not unserved) else None)
         if transport.allreduce_scalar(float(unserved), op="max") and transport.rank == 0:
             print("mpiopt: warning: peers on other nodes read ranks that run no progress thread "
                   "(MPI thread level is not 'multiple'); their reads may wait up to a whole "
@@ -337,10 +334,8 @@ class Gossip:
                 raise CommTimeout(done.describe(f"timed out after {t.timeout:g} s waiting for "
                                                 "the other ranks to finish"))
             time.sleep(5e-4)
-        polls = 0
         if self.progress is not None:  # everyone is past its last operation
             self.progress.stop()
-            polls = self.progress.polls
         if self.inbox is not None:
             self.drain(x)
             self.inbox.free()
@@ -349,7 +344,7 @@ class Gossip:
         mine = {"interactions": self.interactions, "fallbacks": self.fallbacks,
                 "retries": self.pub.retries, "blocked_s": self.blocked_s,
                 "longest_s": self.longest_s, "gossip_bytes": t.stats[Channel.GOSSIP].recv,
-                "progress_thread": self.progress is not None, "progress_polls": polls,
+                "progress_thread": self.progress is not None,
                 "remote_readers": len(self.remote_readers)}
         return t.allgather_obj(mine)
 

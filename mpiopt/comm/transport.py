@@ -451,6 +451,11 @@ def abort(code: int = 1) -> None:
     MPI.COMM_WORLD.Abort(code)
 
 
+def async_progress_enabled() -> bool:
+    """True if MPICH runs its own progress thread (``MPIR_CVAR_ASYNC_PROGRESS=1``)."""
+    return os.environ.get("MPIR_CVAR_ASYNC_PROGRESS", "0") == "1"
+
+
 def mpi_info() -> dict:
     """Return facts about the MPI library: name, version, thread level, world size."""
     levels = {MPI.THREAD_SINGLE: "single", MPI.THREAD_FUNNELED: "funneled",
@@ -461,5 +466,5 @@ def mpi_info() -> dict:
         "thread_level": levels.get(MPI.Query_thread(), str(MPI.Query_thread())),
         "world_size": MPI.COMM_WORLD.Get_size(),
         "processor": MPI.Get_processor_name(),
-        "async_progress": os.environ.get("MPIR_CVAR_ASYNC_PROGRESS", "0") == "1",
+        "async_progress": async_progress_enabled(),
     }

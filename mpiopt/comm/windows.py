@@ -12,7 +12,6 @@ their loops.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
 
@@ -223,11 +222,6 @@ class SharedWindow:
             self.win.Free()
 
 
-def async_progress_enabled() -> bool:
-    """True if MPICH runs its own progress thread (``MPIR_CVAR_ASYNC_PROGRESS=1``)."""
-    return os.environ.get("MPIR_CVAR_ASYNC_PROGRESS", "0") == "1"
-
-
 class ProgressThread:
     """A helper thread that enters MPI every ``interval`` seconds.
 
@@ -247,7 +241,6 @@ class ProgressThread:
     def __init__(self, comm, interval: float = 1e-3):
         self.comm = comm
         self.interval = float(interval)
-        self.polls = 0
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mpiopt-progress", daemon=True)
@@ -268,13 +261,8 @@ class ProgressThread:
         try:
             while not self._stop.wait(self.interval):
                 self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG)
-                self.polls += 1
         except BaseException as exc:  # reported by stop() on the main thread
             self.error = exc
-
-    @property
-    def running(self) -> bool:
-        return self._thread.is_alive()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the thread; raise if it failed or does not end within ``timeout``."""

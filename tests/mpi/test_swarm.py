@@ -9,6 +9,27 @@ from test_run import read_summary, run, write_config
 pytestmark = pytest.mark.mpi
 
 
+def _check_averaging(n, mode, quantize, topologies, env=None):
+    """Run check_swarm.py (the lr = 0 invariants) on ``n`` ranks; fail on any violation."""
+    res = launch(n, [*python_script("check_swarm.py"), mode, quantize, *topologies], env=env,
+                 timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert f"swarm checks passed on {n} ranks ({mode}, {quantize})" in res.stdout
+
+
+def _stalled_run(tmp_path, name, env=None, **keys):
+    """Swarm on 3 ranks for 3 s while rank 2 sleeps 2 s at step 20; return the summary."""
+    cfg = write_config(tmp_path, {"algorithm": {"name": "swarm", "lr": 0.05, "momentum": 0.9,
+                                                "topology": "complete", **keys},
+                                  "run": {"steps": 1_000_000, "time_limit_s": 3.0,
+                                          "eval_every": 0}}, name=f"{name}.yaml")
+    res = run(3, cfg, tmp_path / name,
+              env={"MPIOPT_FAULT": "stall:rank=2:step=20:seconds=2", **(env or {})},
+              timeout=120)
+    assert res.returncode == 0, res.stderr
+    return read_summary(tmp_path / name)
+
+
 @pytest.mark.parametrize("n, mode, quantize, topologies", [
     (2, "pairwise", "none", ["complete", "ring"]),
     (3, "pull", "lattice16", ["complete", "ring"]),
@@ -18,19 +39,13 @@ pytestmark = pytest.mark.mpi
     (1, "pull", "lattice16", ["complete"]),
 ])
 def test_averaging_with_lr_zero(n, mode, quantize, topologies):
-    res = launch(n, [*python_script("check_swarm.py"), mode, quantize, *topologies],
-                 timeout=120)
-    assert res.returncode == 0, res.stderr
-    assert f"swarm checks passed on {n} ranks ({mode}, {quantize})" in res.stdout
+    _check_averaging(n, mode, quantize, topologies)
 
 
 @pytest.mark.parametrize("n, mode", [(3, "pairwise"), (4, "pull")])
 def test_averaging_through_mpi_get(n, mode):
     # The path of partners on other nodes: every read is a Get under the NOCHECK epoch.
-    res = launch(n, [*python_script("check_swarm.py"), mode, "lattice16", "ring", "complete"],
-                 env={"MPIOPT_TEST_GET": "1"}, timeout=120)
-    assert res.returncode == 0, res.stderr
-    assert f"swarm checks passed on {n} ranks ({mode}, lattice16)" in res.stdout
+    _check_averaging(n, mode, "lattice16", ["ring", "complete"], {"MPIOPT_TEST_GET": "1"})
 
 
 # Partners on another node, emulated on one machine: MPICH's shared-memory path is off
@@ -42,17 +57,12 @@ OTHER_NODES = {"MPIR_CVAR_NOLOCAL": "1", "UCX_TLS": "tcp,self"}
 @pytest.mark.parametrize("n, mode, quantize, slots", [(3, "pairwise", "lattice16", 2),
                                                        (4, "pull", "fp16", 3)])
 def test_averaging_across_emulated_nodes(n, mode, quantize, slots):
-    res = launch(n, [*python_script("check_swarm.py"), mode, quantize, "ring", "complete"],
-                 env={**OTHER_NODES, "MPIOPT_TEST_SLOTS": str(slots)}, timeout=120)
-    assert res.returncode == 0, res.stderr
-    assert f"swarm checks passed on {n} ranks ({mode}, {quantize})" in res.stdout
+    _check_averaging(n, mode, quantize, ["ring", "complete"],
+                     {**OTHER_NODES, "MPIOPT_TEST_SLOTS": str(slots)})
 
 
 def test_averaging_under_mpi_locks():
-    res = launch(4, [*python_script("check_swarm.py"), "pull", "lattice16", "ring", "complete"],
-                 env={"MPIOPT_TEST_LOCKS": "1"}, timeout=120)
-    assert res.returncode == 0, res.stderr
-    assert "swarm checks passed on 4 ranks (pull, lattice16)" in res.stdout
+    _check_averaging(4, "pull", "lattice16", ["ring", "complete"], {"MPIOPT_TEST_LOCKS": "1"})
 
 
 def test_gpu_device_is_refused_before_anything_is_written(tmp_path):
@@ -80,14 +90,7 @@ def test_swarm_digits_accuracy_and_bytes(tmp_path):
 
 def test_reads_do_not_wait_for_a_stalled_partner(tmp_path):
     # Rank 2 sleeps 2 s without entering MPI; ranks 0 and 1 keep reading its window.
-    cfg = write_config(tmp_path, {"algorithm": {"name": "swarm", "lr": 0.05, "momentum": 0.9,
-                                                "topology": "complete"},
-                                  "run": {"steps": 1_000_000, "time_limit_s": 3.0,
-                                          "eval_every": 0}})
-    res = run(3, cfg, tmp_path / "s", env={"MPIOPT_FAULT": "stall:rank=2:step=20:seconds=2"},
-              timeout=120)
-    assert res.returncode == 0, res.stderr
-    s = read_summary(tmp_path / "s")
+    s = _stalled_run(tmp_path, "s")
     info = s["algorithm_info"]
     # Stated bound: one interaction (a read and an average) finishes within 0.25 s even when
     # the partner computes; the median is tens of microseconds.
@@ -106,14 +109,7 @@ def test_reads_do_not_wait_for_a_stalled_partner(tmp_path):
 
 
 def test_get_reads_do_not_wait_for_a_stalled_partner(tmp_path):
-    cfg = write_config(tmp_path, {"algorithm": {"name": "swarm", "lr": 0.05, "momentum": 0.9,
-                                                "topology": "complete", "direct_reads": False},
-                                  "run": {"steps": 1_000_000, "time_limit_s": 3.0,
-                                          "eval_every": 0}})
-    res = run(3, cfg, tmp_path / "s", env={"MPIOPT_FAULT": "stall:rank=2:step=20:seconds=2"},
-              timeout=120)
-    assert res.returncode == 0, res.stderr
-    info = read_summary(tmp_path / "s")["algorithm_info"]
+    info = _stalled_run(tmp_path, "s", direct_reads=False)["algorithm_info"]
     assert max(info["longest_interaction_s_per_rank"][:2]) < 0.25, info
 
 
@@ -133,41 +129,29 @@ def test_ranks_of_different_speeds_stop_cleanly_twenty_times(tmp_path):
         assert np.isfinite(s["final"]["loss"])
 
 
-def _stalled_run(tmp_path, name, progress, env, **keys):
-    cfg = write_config(tmp_path, {"algorithm": {"name": "swarm", "lr": 0.05, "momentum": 0.9,
-                                                "topology": "complete", "progress": progress,
-                                                **keys},
-                                  "run": {"steps": 1_000_000, "time_limit_s": 3.0,
-                                          "eval_every": 0}}, name=f"{name}.yaml")
-    res = run(3, cfg, tmp_path / name,
-              env={"MPIOPT_FAULT": "stall:rank=2:step=20:seconds=2", **env}, timeout=120)
-    assert res.returncode == 0, res.stderr
-    return read_summary(tmp_path / name)["algorithm_info"]
-
-
 def test_progress_thread_serves_reads_from_other_nodes(tmp_path):
     # Without progress the emulation reproduces the problem: a read of the stalled rank
     # waits for its whole 2 s sleep.
-    slow = _stalled_run(tmp_path, "none", "none", OTHER_NODES)
+    slow = _stalled_run(tmp_path, "none", OTHER_NODES, progress="none")["algorithm_info"]
     assert slow["remote_readers_per_rank"] == [2, 2, 2]
     assert slow["progress_thread_per_rank"] == [False] * 3
     assert max(slow["longest_interaction_s_per_rank"][:2]) > 1.0, slow
     # progress: auto starts the thread on ranks read from other nodes; the same reads then
     # finish within the bound of the node-local test.
-    fast = _stalled_run(tmp_path, "auto", "auto", OTHER_NODES)
+    fast = _stalled_run(tmp_path, "auto", OTHER_NODES, progress="auto")["algorithm_info"]
     assert fast["progress_thread_per_rank"] == [True] * 3
     assert max(fast["longest_interaction_s_per_rank"][:2]) < 0.25, fast
     assert min(fast["interactions_per_rank"][:2]) > 2 * max(slow["interactions_per_rank"][:2])
 
 
-
 def test_mpi_locks_wait_for_a_stalled_partner(tmp_path):
     # Why rma_sync: epoch is the default: under the authors' locks, even within a node, a
     # read of a partner that sleeps 2 s waits for the lock grant, which needs its progress.
-    info = _stalled_run(tmp_path, "locks", "none", {}, rma_sync="locks")
+    info = _stalled_run(tmp_path, "locks", progress="none", rma_sync="locks")["algorithm_info"]
     assert max(info["longest_interaction_s_per_rank"][:2]) > 1.0, info
     # A progress thread on the sleeping rank grants the locks in time.
-    info = _stalled_run(tmp_path, "locks_thread", "thread", {}, rma_sync="locks")
+    info = _stalled_run(tmp_path, "locks_thread", progress="thread",
+                        rma_sync="locks")["algorithm_info"]
     assert info["progress_thread_per_rank"] == [True] * 3
     assert max(info["longest_interaction_s_per_rank"][:2]) < 0.25, info
 
