@@ -98,6 +98,7 @@ def check_window():
     if r == 0:
         w.sync()
         assert np.all(w.local == n), w.local
+    t.barrier()  # rank n-1 puts into rank 0 next: not before rank 0 has checked the sum
     with w.locked(peer, "exclusive"):
         w.put(np.full(2, -1.0), peer, offset=6)
     t.barrier()
