@@ -52,6 +52,18 @@ def python_script(name: str) -> list[str]:
     return [sys.executable, "-m", "mpi4py", str(SCRIPTS / name)]
 
 
+def run_check_script(n: int, name: str, passed: str, args=(), env: dict | None = None,
+                     timeout: float = 120) -> None:
+    """Run the check script ``name`` on ``n`` ranks: it must exit 0 and print ``passed``.
+
+    A failed assertion on any rank aborts the job (mpi4py's runner), so a non-zero status
+    carries that rank's traceback in stderr.
+    """
+    res = launch(n, [*python_script(name), *args], timeout=timeout, env=env)
+    assert res.returncode == 0, res.stderr
+    assert passed in res.stdout, res.stdout
+
+
 @pytest.fixture
 def run_mpi():
     return launch

@@ -3,16 +3,14 @@
 import time
 
 import pytest
-from conftest import launch, python_script
+from conftest import launch, python_script, run_check_script
 
 pytestmark = pytest.mark.mpi
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
 def test_transport_and_windows(n):
-    out = launch(n, python_script("check_comm.py"), timeout=90)
-    assert out.returncode == 0, out.stderr
-    assert f"comm checks passed on {n} ranks" in out.stdout
+    run_check_script(n, "check_comm.py", f"comm checks passed on {n} ranks", timeout=90)
 
 
 @pytest.mark.parametrize("n", [2, 3])

@@ -3,7 +3,7 @@
 import h5py
 import numpy as np
 import pytest
-from conftest import CONFIGS, launch, python_script
+from conftest import CONFIGS, run_check_script
 from test_run import read_summary, run, write_config
 
 pytestmark = pytest.mark.mpi
@@ -11,16 +11,12 @@ pytestmark = pytest.mark.mpi
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
 def test_vote_transports_equal_the_oracle(n):
-    res = launch(n, python_script("check_vote.py"), timeout=120)
-    assert res.returncode == 0, res.stderr
-    assert f"vote checks passed on {n} ranks" in res.stdout
+    run_check_script(n, "check_vote.py", f"vote checks passed on {n} ranks")
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
 def test_ef_exchange_equals_the_oracle(n):
-    res = launch(n, python_script("check_ef.py"), timeout=120)
-    assert res.returncode == 0, res.stderr
-    assert f"ef checks passed on {n} ranks" in res.stdout
+    run_check_script(n, "check_ef.py", f"ef checks passed on {n} ranks")
 
 
 def test_signum_digits_accuracy_and_traffic(tmp_path):

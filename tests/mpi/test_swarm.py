@@ -3,7 +3,7 @@
 import h5py
 import numpy as np
 import pytest
-from conftest import CONFIGS, launch, python_script
+from conftest import CONFIGS, run_check_script
 from test_run import read_summary, run, write_config
 
 pytestmark = pytest.mark.mpi
@@ -11,10 +11,8 @@ pytestmark = pytest.mark.mpi
 
 def _check_averaging(n, mode, quantize, topologies, env=None):
     """Run check_swarm.py (the lr = 0 invariants) on ``n`` ranks; fail on any violation."""
-    res = launch(n, [*python_script("check_swarm.py"), mode, quantize, *topologies], env=env,
-                 timeout=120)
-    assert res.returncode == 0, res.stderr
-    assert f"swarm checks passed on {n} ranks ({mode}, {quantize})" in res.stdout
+    passed = f"swarm checks passed on {n} ranks ({mode}, {quantize})"
+    run_check_script(n, "check_swarm.py", passed, args=[mode, quantize, *topologies], env=env)
 
 
 def _stalled_run(tmp_path, name, env=None, **keys):
