@@ -1,3 +1,3 @@
 """Algorithms; importing this package registers every algorithm."""
 
-from mpiopt.algorithms import allreduce, dpsgd_sync, local_sgd, signum, swarm  # noqa: F401
+from mpiopt.algorithms import allreduce, d_psgd, local_sgd, signum, swarm  # noqa: F401

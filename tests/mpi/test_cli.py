@@ -34,7 +34,7 @@ INVALID = [
      "metrics_chunk, out, overwrite, progress_every_s, quiet, seed, steps, target_accuracy, "
      "time_limit_s"),
     ("unknown algorithm", lambda t: QUICK, ["--set", "algorithm.name=adam"],
-     "algorithm.name: unknown algorithm 'adam'; valid: allreduce, dpsgd_sync, ef_signsgd, "
+     "algorithm.name: unknown algorithm 'adam'; valid: allreduce, d_psgd, ef_signsgd, "
      "local_sgd, signsgd, signum, swarm"),
     ("unknown problem", lambda t: QUICK, ["--set", "problem.name=cnn"],
      "problem.name: unknown problem 'cnn'; valid: mlp, softmax"),

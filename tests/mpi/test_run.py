@@ -171,8 +171,8 @@ def test_bad_fault_spec_is_a_user_error(tmp_path):
 
 @pytest.mark.parametrize("n,topology", [(1, "ring"), (3, "ring"), (4, "torus"),
                                         (4, "hypercube"), (5, "random_regular:2")])
-def test_dpsgd_sync_gossips_with_neighbours(tmp_path, n, topology):
-    cfg = write_config(tmp_path, {"algorithm": {"name": "dpsgd_sync", "topology": topology}})
+def test_d_psgd_gossips_with_neighbours(tmp_path, n, topology):
+    cfg = write_config(tmp_path, {"algorithm": {"name": "d_psgd", "topology": topology}})
     res = run(n, cfg, tmp_path / "d")
     assert res.returncode == 0, res.stderr
     summary = read_summary(tmp_path / "d")
@@ -188,7 +188,7 @@ def test_dpsgd_sync_gossips_with_neighbours(tmp_path, n, topology):
 
 
 def test_topology_that_does_not_fit_the_world(tmp_path):
-    cfg = write_config(tmp_path, {"algorithm": {"name": "dpsgd_sync", "topology": "hypercube"}})
+    cfg = write_config(tmp_path, {"algorithm": {"name": "d_psgd", "topology": "hypercube"}})
     res = run(3, cfg, tmp_path / "h")
     assert res.returncode == 2
     assert res.stderr.startswith("mpiopt: error: algorithm.topology:")

@@ -1,4 +1,4 @@
-"""D-PSGD: every step, average with the neighbours by the gossip matrix, then step locally.
+"""D-PSGD (Lian et al., 2017), a baseline: every step, average with the neighbours by the gossip matrix, then step locally.
 
 ``x_i <- sum_j W_ij x_j - lr * g_i(x_i)`` with ``W`` the Metropolis-Hastings matrix of the
 topology. The exchange of the current models is started before the gradient is computed, so
@@ -14,7 +14,7 @@ from mpiopt.comm.transport import Channel, wait_all
 from mpiopt.config import ALGORITHMS
 
 
-class DPSGDSync(SynchronousAlgorithm):
+class DecentralizedSGD(SynchronousAlgorithm):
     """Synchronous decentralized SGD over a fixed graph."""
 
     def setup(self) -> None:
@@ -47,10 +47,10 @@ class DPSGDSync(SynchronousAlgorithm):
         return self.evaluate_average()
 
 
-@ALGORITHMS.register("dpsgd_sync")
+@ALGORITHMS.register("d_psgd")
 @dataclass(frozen=True)
-class DPSGDSyncConfig(GraphKeys):
-    """D-PSGD: each step, gossip-average with all neighbours, then a local SGD step."""
+class DecentralizedSGDConfig(GraphKeys):
+    """D-PSGD (Lian et al.), a baseline: each step, gossip-average with all neighbours, then a local SGD step."""
 
-    def build(self, ctx) -> DPSGDSync:
-        return DPSGDSync(self, ctx)
+    def build(self, ctx) -> DecentralizedSGD:
+        return DecentralizedSGD(self, ctx)
