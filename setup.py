@@ -38,7 +38,7 @@ setup(
         "torch": ["torch>=2.1"],
         "rl": ["gymnasium>=0.29"],
         "lda": ["gensim>=4.3"],
-        "dev": ["pytest>=7.4", "pytest-timeout>=2.2", "ruff>=0.4"],
+        "dev": ["pytest>=7.4", "pytest-timeout>=2.2", "ruff>=0.4", "import-linter>=2.1"],
     },
     entry_points={"console_scripts": ["mpiopt=mpiopt.cli:main"]},
 )

@@ -4,8 +4,12 @@ Every kernel has one signature and three implementations: :mod:`.reference` (num
 oracle), :mod:`.cpu` (numba, compiled on first call, cached on disk, parallel) and :mod:`.gpu`
 (CuPy raw kernels, compiled on first call, memoised per device). They agree bit for bit.
 Dispatch follows the input: a CuPy array runs on its device; a numpy array runs the numba
-kernel, or the numpy reference when it is shorter than :data:`SMALL` (:data:`SMALL_STREAMING`
-for pack and the finiteness check), where starting the threads costs more than the work.
+kernel, or the numpy reference when it is shorter than :data:`SMALL` (:data:`SMALL_SIGNS` for
+unpacking and voting, :data:`SMALL_STREAMING` for pack and the finiteness check). Below those
+sizes numba gains at most tens of microseconds a call, while loading it (import, threading
+layer, cached machine code) costs about 0.75 s per process: a run on a small model never
+imports numba. Algorithms that will run numba kernels load them before their clock starts
+(:func:`preload`).
 ``backend="numpy" | "numba" | "cupy"`` forces one. Every kernel takes ``out=`` so that a hot
 loop allocates nothing.
 
@@ -20,6 +24,8 @@ checked here (NaN packs as -1): callers check with :func:`all_finite` first.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 
 import numpy as np
 
@@ -40,6 +46,7 @@ from ._common import (
 __all__ = [
     "BACKENDS",
     "SMALL",
+    "SMALL_SIGNS",
     "SMALL_STREAMING",
     "all_finite",
     "array_module",
@@ -56,13 +63,20 @@ __all__ = [
     "qsgd_dequantize",
     "qsgd_quantize",
     "set_num_threads",
+    "thread_limit",
     "unpack_signs",
 ]
 
-# Below this many elements the numpy reference is faster than starting the numba threads:
-# about a thousand for most kernels, far more where numpy has a fused single-pass routine.
-SMALL = 1 << 10
+# Below these sizes the numpy reference runs instead of numba (figures: docs/benchmarks.md,
+# "Kernel dispatch"). The quantizers gain 40-270 us a call from numba already at 5K elements;
+# unpacking and voting gain under 15 us there (numpy has near-fused routines for them) and
+# pack and the finiteness check nothing until far larger.
+SMALL = 1 << 10  # qsgd, lattice, ef_sign_compress: elements
+SMALL_SIGNS = 1 << 14  # unpack_signs: elements; majority_vote: voters x elements / 8
 SMALL_STREAMING = 1 << 17  # pack_signs (numpy.packbits) and all_finite (numpy.isfinite)
+
+_cpu_module = None  # the numba kernels (kernels/cpu.py), imported by the first kernel call
+_threads: int | None = None  # the thread count asked for, applied when numba is loaded
 
 
 def is_cupy(x) -> bool:
@@ -94,7 +108,7 @@ def _impl(x, size: int, backend: str | None, small: int = SMALL):
         raise TypeError(f"backend {backend!r} cannot run on a {type(x).__module__} array")
     if backend == "numpy":
         return reference
-    return _gpu() if gpu else importlib.import_module(".cpu", __name__)
+    return _gpu() if gpu else _cpu()
 
 
 def _vector(x, xp, name: str, dtype=np.float32):
@@ -132,7 +146,7 @@ def unpack_signs(packed, d: int, scale: float = 1.0, out=None, *, backend=None):
     if packed.size != nbytes_signs(d):
         raise ValueError(f"{d} signs need {nbytes_signs(d)} bytes, got {packed.size}")
     out = _output(out, xp, (int(d),), np.float32)
-    _impl(packed, int(d), backend).unpack_signs(packed, int(d), float(scale), out)
+    _impl(packed, int(d), backend, SMALL_SIGNS).unpack_signs(packed, int(d), float(scale), out)
     return out
 
 
@@ -144,7 +158,7 @@ def majority_vote(packed, out=None, *, backend=None):
                          f"{tuple(packed.shape)}")
     packed = xp.ascontiguousarray(packed)
     out = _output(out, xp, (packed.shape[1],), np.uint8)
-    _impl(packed, packed.size * 8, backend).majority_vote(packed, out)
+    _impl(packed, packed.size, backend, SMALL_SIGNS).majority_vote(packed, out)
     return out
 
 
@@ -270,17 +284,48 @@ def all_finite(x, *, backend=None) -> bool:
     return _impl(x, x.size, backend, SMALL_STREAMING).all_finite(x)
 
 
-def set_num_threads(n: int) -> None:
-    """Set the number of threads of the numba kernels (1 up to the cores numba was started on)."""
-    cpu = importlib.import_module(".cpu", __name__)
-    import numba
+def thread_limit() -> int:
+    """Return the most threads the numba kernels may use, without importing numba.
 
-    limit = numba.config.NUMBA_NUM_THREADS
+    This is numba's ``NUMBA_NUM_THREADS``: the environment variable if set, else the cores
+    this process may run on.
+    """
+    numba = sys.modules.get("numba")
+    if numba is not None:
+        return int(numba.config.NUMBA_NUM_THREADS)
+    if os.environ.get("NUMBA_NUM_THREADS", "").strip():
+        return int(os.environ["NUMBA_NUM_THREADS"])
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def set_num_threads(n: int) -> None:
+    """Set the number of threads of the numba kernels (1 up to :func:`thread_limit`).
+
+    Before the first kernel runs this only records ``n``: numba (about a second to import) is
+    loaded with the first kernel that needs it, and takes the count then.
+    """
+    global _threads
+    limit = thread_limit()
     if not isinstance(n, int) or not 1 <= n <= limit:
         raise ConfigError(f"must be an integer in [1, {limit}], got {n!r}", key="threads")
-    cpu.set_num_threads(n)
+    _threads = n
+    if _cpu_module is not None:
+        _cpu_module.set_num_threads(n)
 
 
 def get_num_threads() -> int:
     """Return the number of threads of the numba kernels."""
-    return importlib.import_module(".cpu", __name__).get_num_threads()
+    return _cpu().get_num_threads()
+
+
+def _cpu():
+    """Return the numba kernels, importing numba on first use with the thread count set."""
+    global _cpu_module
+    if _cpu_module is None:
+        module = importlib.import_module(".cpu", __name__)
+        if _threads is not None:
+            module.set_num_threads(_threads)
+        _cpu_module = module
+    return _cpu_module

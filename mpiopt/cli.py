@@ -64,8 +64,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_data_describe(args) -> int:
-    from mpiopt.config import load_config
     from mpiopt.data.describe import describe
+    from mpiopt.schema import load_config
 
     cfg = load_config(args.config, args.set)
     ranks = args.ranks
@@ -88,20 +88,31 @@ def cmd_data_convert(args) -> int:
     return 0
 
 
+# Algorithms whose exchange ``bench comm --algorithm`` can time, and the bench module of each.
+STEP_BENCHES = {"signum": "vote", "swarm": "gossip"}
+
+
 def cmd_bench(args) -> int:
+    import importlib
+
     if args.what == "kernels":
         from mpiopt.bench.kernels import run as run_kernels
 
         run_kernels(args.size, args.threads, args.json)
-        return 0
-    from mpiopt.bench import comm as bench_comm
-    from mpiopt.bench import train as bench_train
+    elif args.what == "comm" and args.algorithm is not None:
+        if args.algorithm not in STEP_BENCHES:
+            raise ConfigError(f"{args.algorithm!r} has no communication benchmark; choose from "
+                              f"{', '.join(STEP_BENCHES)}", key="--algorithm")
+        bench = importlib.import_module(f"mpiopt.bench.{STEP_BENCHES[args.algorithm]}")
+        bench.run(args.size, args.repeats, args.json)
+    elif args.what == "comm":
+        from mpiopt.bench import comm
 
-    if args.what == "comm":
-        bench_comm.run(args.max_mb, args.repeats, args.json, algorithm=args.algorithm,
-                       max_elems=args.size)
+        comm.run(args.max_mb, args.repeats, args.json)
     else:
-        bench_train.run(args.steps, args.repeats, args.json)
+        from mpiopt.bench import train
+
+        train.run(args.steps, args.repeats, args.json)
     return 0
 
 

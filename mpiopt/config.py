@@ -3,6 +3,9 @@
 A configuration has four sections. ``problem``, ``data`` and ``algorithm`` each pick an entry
 of a :class:`Registry` by ``name``; the other keys of the section are that entry's settings,
 declared as dataclass fields with :func:`param`. ``run`` holds the settings of the run itself.
+This module is the machinery only: the registries live in the packages they register
+(``mpiopt.problems``, ``mpiopt.data``, ``mpiopt.algorithms``) and :mod:`mpiopt.schema`
+assembles a whole configuration from them.
 Every error is a :class:`~mpiopt.errors.ConfigError` naming the dotted key and the valid
 choices or range.
 """
@@ -10,6 +13,7 @@ choices or range.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import types
 import typing
@@ -35,38 +39,53 @@ def param(default: Any, doc: str, *, low=None, high=None, low_open=False, high_o
 
 
 class Registry:
-    """Named configuration classes of one section (problems, datasets or algorithms)."""
+    """Named configuration classes of one section, each imported only when it is asked for.
 
-    def __init__(self, section: str):
+    The package that owns a section creates its registry with the submodule of every entry;
+    each submodule registers its classes with :meth:`register`. :meth:`names` needs no import,
+    :meth:`get` imports the one module that defines the entry.
+
+    Args:
+        section: the configuration section (``problem``, ``data``, ``algorithm``).
+        package: the package the modules live in (e.g. ``mpiopt.algorithms``).
+        modules: entry name -> submodule of ``package`` that registers it.
+    """
+
+    def __init__(self, section: str, package: str, modules: dict[str, str]):
         self.section = section
+        self.package = package
+        self._modules = dict(modules)
         self._entries: dict[str, type] = {}
 
     def register(self, name: str):
         """Class decorator: register a config dataclass under ``name``."""
+        if name not in self._modules:
+            raise RuntimeError(f"{self.section} {name!r} is not listed in the registry of "
+                               f"{self.package}")
+
         def deco(cls):
             cls.NAME = name
+            cls.SECTION = self.section
             self._entries[name] = cls
             return cls
         return deco
 
     def names(self) -> list[str]:
-        return sorted(self._entries)
+        """Return the registered names, sorted, without importing any entry."""
+        return sorted(self._modules)
 
     def get(self, name: Any) -> type:
         """Return the class registered as ``name`` or raise an error listing the valid names."""
-        if isinstance(name, str) and name in self._entries:
-            return self._entries[name]
-        raise ConfigError(f"unknown {self.section} {name!r}; valid: {', '.join(self.names())}",
-                          key=f"{self.section}.name")
+        if not (isinstance(name, str) and name in self._modules):
+            raise ConfigError(f"unknown {self.section} {name!r}; valid: "
+                              f"{', '.join(self.names())}", key=f"{self.section}.name")
+        if name not in self._entries:
+            importlib.import_module(f"{self.package}.{self._modules[name]}")
+        return self._entries[name]
 
-    def items(self):
-        return sorted(self._entries.items())
-
-
-PROBLEMS = Registry("problem")
-DATASETS = Registry("data")
-ALGORITHMS = Registry("algorithm")
-REGISTRIES = {"problem": PROBLEMS, "data": DATASETS, "algorithm": ALGORITHMS}
+    def items(self) -> list[tuple[str, type]]:
+        """Return (name, class) of every entry, importing them all (for documentation)."""
+        return [(name, self.get(name)) for name in self.names()]
 
 
 def check_ranks(ranks, world_size: int, key: str) -> None:
@@ -82,6 +101,7 @@ class Section:
     """Base of every configuration section: typed, validated, serialisable."""
 
     NAME: ClassVar[str] = ""
+    SECTION: ClassVar[str] = "run"  # set by Registry.register for registered entries
     SHORTHAND: ClassVar[str | None] = None  # key set by the 'name:value' form, if any
 
     def __post_init__(self):
@@ -98,15 +118,8 @@ class Section:
     def check_world(self, world_size: int) -> None:
         """Check that the settings fit ``world_size`` ranks; raise ConfigError otherwise."""
 
-    @classmethod
-    def section(cls) -> str:
-        for name, reg in REGISTRIES.items():
-            if cls.NAME and reg._entries.get(cls.NAME) is cls:
-                return name
-        return "run"
-
     def _key(self, name: str) -> str:
-        return f"{self.section()}.{name}"
+        return f"{self.SECTION}.{name}"
 
     def to_dict(self) -> dict:
         out = {"name": self.NAME} if self.NAME else {}
@@ -277,27 +290,6 @@ def build_section(cls: type, raw: dict, section: str, prune: bool = False,
     return cls(**kwargs)
 
 
-def _resolve_name(registry: Registry, raw: dict, section: str) -> type:
-    if "name" not in raw:
-        raise ConfigError(f"missing; valid: {', '.join(registry.names())}", key=f"{section}.name")
-    name = raw["name"]
-    if isinstance(name, str) and name not in registry.names() and ":" in name:
-        prefix, arg = name.split(":", 1)
-        cls = registry.get(prefix)
-        if cls.SHORTHAND is None:
-            raise ConfigError(f"{prefix!r} takes no ':' argument", key=f"{section}.name")
-        raw[cls.SHORTHAND] = arg
-        raw["name"] = prefix
-        return cls
-    return registry.get(name)
-
-
-def _ensure_registered() -> None:
-    import mpiopt.algorithms  # noqa: F401  (registers the algorithms)
-    import mpiopt.data  # noqa: F401
-    import mpiopt.problems  # noqa: F401
-
-
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split ``dotted.key=value`` into the key path and the YAML-parsed value."""
     if "=" not in text:
@@ -339,39 +331,6 @@ def read_yaml(path: str) -> dict:
     return data
 
 
-def config_from_dict(data: dict, overrides: list[str] = ()) -> Config:
-    """Build a validated :class:`Config` from a raw mapping and ``--set`` overrides."""
-    _ensure_registered()
-    raw = {}
-    for section, body in data.items():
-        if section not in SECTIONS:
-            raise ConfigError(f"unknown section; valid: {', '.join(SECTIONS)}", key=str(section))
-        if body is None:
-            body = {}
-        if not isinstance(body, dict):
-            raise ConfigError("must be a mapping of keys to values", key=section)
-        raw[section] = dict(body)
-    renamed = set()
-    for text in overrides:
-        (section, key), value = parse_override(text)
-        raw.setdefault(section, {})[key] = value
-        if key == "name":
-            renamed.add(section)
-    warnings: list[str] = []
-    built = {}
-    for section, registry in REGISTRIES.items():
-        body = raw.get(section, {})
-        cls = _resolve_name(registry, body, section)
-        built[section] = build_section(cls, body, section, section in renamed, warnings)
-    built["run"] = build_section(RunConfig, raw.get("run", {}), "run")
-    return Config(**built, warnings=tuple(warnings))
-
-
-def load_config(path: str, overrides: list[str] = ()) -> Config:
-    """Read, override and validate the configuration file at ``path``."""
-    return config_from_dict(read_yaml(path), overrides)
-
-
 def replace_run(cfg: Config, **changes) -> Config:
     """Return ``cfg`` with keys of the run section changed (validated again)."""
     run = build_section(RunConfig, {**cfg.run.to_dict(), **changes}, "run")
@@ -381,7 +340,7 @@ def replace_run(cfg: Config, **changes) -> Config:
 # --------------------------------------------------------------------------- docs
 
 
-def _owner(cls: type, name: str) -> type:
+def owner_of(cls: type, name: str) -> type:
     """Return the class whose definition of ``name`` is in effect (the most derived)."""
     for klass in cls.__mro__:
         if name in getattr(klass, "__annotations__", {}):
@@ -389,7 +348,8 @@ def _owner(cls: type, name: str) -> type:
     return cls
 
 
-def _field_rows(cls: type, names: list[str]) -> list[str]:
+def field_rows(cls: type, names: list[str]) -> list[str]:
+    """Return the markdown table rows documenting the keys ``names`` of ``cls``."""
     hints = _hints(cls)
     rows = ["| key | type | default | valid | meaning |", "|---|---|---|---|---|"]
     by_name = {f.name: f for f in dataclasses.fields(cls)}
@@ -409,59 +369,3 @@ def _field_rows(cls: type, names: list[str]) -> list[str]:
         rows.append(f"| `{name}` | {_describe(hints[name])} | `{shown}` | {valid} | "
                     f"{meta.get('doc', '')} |")
     return rows
-
-
-def config_markdown() -> str:
-    """Render the reference of every configuration key (the text of docs/config.md)."""
-    _ensure_registered()
-    out = [
-        "# Configuration reference",
-        "",
-        "<!-- Generated by `python -m mpiopt.config`; do not edit by hand. -->",
-        "",
-        "A configuration file is YAML with the sections `problem`, `data`, `algorithm` and "
-        "`run`. In the first three, `name` picks an entry and the other keys are its settings. "
-        "Any key can be overridden on the command line with `--set section.key=value` "
-        "(the value is read as YAML). Changing `name` with `--set` drops, with a warning, the "
-        "keys the new entry does not take, so `--set algorithm.name=allreduce` turns any run "
-        "into its baseline. Invalid input stops the run before anything is written, with exit "
-        "status 2 and one line naming the key.",
-        "",
-        "## run",
-        "",
-        *_field_rows(RunConfig, [f.name for f in dataclasses.fields(RunConfig)]),
-    ]
-    for section, registry in REGISTRIES.items():
-        out += ["", f"## {section}", "", f"`{section}.name`: one of "
-                + ", ".join(f"`{n}`" for n in registry.names()) + "."]
-        groups_done: set = set()
-        for name, cls in registry.items():
-            owners: dict[type, list[str]] = {}
-            for f in dataclasses.fields(cls):
-                owners.setdefault(_owner(cls, f.name), []).append(f.name)
-            shared = [o for o in owners if o is not cls]
-            for owner in shared:
-                if owner in groups_done:
-                    continue
-                groups_done.add(owner)
-                title = (owner.__doc__ or owner.__name__).strip().splitlines()[0]
-                out += ["", f"### {owner.__name__}: {title}", "",
-                        *_field_rows(cls, owners[owner])]
-            title = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-            out += ["", f"### `{name}`", "", title]
-            if shared:
-                out += ["", "Also takes the keys of " + ", ".join(
-                    f"{o.__name__}" for o in shared) + "."]
-            own = owners.get(cls, [])
-            if own:
-                if cls.SHORTHAND:
-                    out += ["", f"Shorthand: `name: {name}:VALUE` sets `{cls.SHORTHAND}`."]
-                out += ["", *_field_rows(cls, own)]
-    return "\n".join(out) + "\n"
-
-
-if __name__ == "__main__":
-    # Run as a script this module is not the imported mpiopt.config the registries fill.
-    from mpiopt.config import config_markdown as _render
-
-    print(_render(), end="")

@@ -16,14 +16,15 @@ import time
 
 import h5py
 
-from mpiopt import __version__, backend
+from mpiopt import __version__, backend, kernels
 from mpiopt.algorithms.base import Context
 from mpiopt.comm.transport import Transport, mpi_info
-from mpiopt.config import Config, load_config
+from mpiopt.config import Config
 from mpiopt.errors import ConfigError
 from mpiopt.faults import FaultInjector
 from mpiopt.io.metrics import StepLog, merge, rank_log_path
 from mpiopt.progress import Progress
+from mpiopt.schema import load_config
 
 
 def agree(transport: Transport, fn):
@@ -102,16 +103,12 @@ def share_cores(transport: Transport) -> int:
 
     Without this every rank starts one kernel thread per core, and ranks sharing a node
     oversubscribe it many times over (spinning thread pools make that ruinous). Returns the
-    thread count chosen.
+    thread count chosen; numba itself is loaded only if a kernel runs.
     """
-    import numba
-
     node = transport.split_shared()
     share = max(1, (os.cpu_count() or 1) // node.size)
     node.free()
-    threads = min(share, numba.config.NUMBA_NUM_THREADS)
-    from mpiopt import kernels
-
+    threads = min(share, kernels.thread_limit())
     kernels.set_num_threads(threads)
     return threads
 

@@ -1,3 +1,17 @@
-"""Algorithms; importing this package registers every algorithm."""
+"""Algorithms, one module each, and their registry.
 
-from mpiopt.algorithms import allreduce, d_psgd, local_sgd, signum, swarm  # noqa: F401
+Importing this package imports no algorithm: :data:`ALGORITHMS` imports the module of an
+entry when the configuration names it.
+"""
+
+from mpiopt.config import Registry
+
+ALGORITHMS = Registry("algorithm", __name__, {
+    "allreduce": "allreduce",
+    "d_psgd": "d_psgd",
+    "ef_signsgd": "signum",
+    "local_sgd": "local_sgd",
+    "signsgd": "signum",
+    "signum": "signum",
+    "swarm": "swarm",
+})

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mpiopt.algorithms import ALGORITHMS
 from mpiopt.algorithms.base import SGDConfig, SynchronousAlgorithm
 from mpiopt.comm.transport import Channel
-from mpiopt.config import ALGORITHMS
 
 
 class AllreduceSGD(SynchronousAlgorithm):

@@ -216,9 +216,18 @@ class SynchronousAlgorithm(Algorithm):
         self.ctx.faults.corrupt(step, self.g)
         return loss
 
+    def warm_up(self) -> None:
+        """Run this rank's local kernels once on scratch data, before the clock starts.
+
+        Kernel dispatch decides by size whether numba runs; where it does, this loads numba
+        and the cached machine code (or compiles it, on a fresh install) now, not in the
+        first steps. Nothing is communicated.
+        """
+
     def run(self) -> None:
         ctx = self.ctx
         self.setup()
+        self.warm_up()
         ctx.restart_clock()
         for step in range(ctx.steps):
             # Every rank must stop at the same step: rank 0's clock decides.

@@ -1,4 +1,5 @@
-"""D-PSGD (Lian et al., 2017), a baseline: every step, average with the neighbours by the gossip matrix, then step locally.
+"""D-PSGD (Lian et al., 2017), a baseline: every step, average with the neighbours by the
+gossip matrix, then step locally.
 
 ``x_i <- sum_j W_ij x_j - lr * g_i(x_i)`` with ``W`` the Metropolis-Hastings matrix of the
 topology. The exchange of the current models is started before the gradient is computed, so
@@ -9,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mpiopt.algorithms import ALGORITHMS
 from mpiopt.algorithms.base import GraphKeys, SynchronousAlgorithm
 from mpiopt.comm.transport import Channel, wait_all
-from mpiopt.config import ALGORITHMS
 
 
 class DecentralizedSGD(SynchronousAlgorithm):
@@ -50,7 +51,10 @@ class DecentralizedSGD(SynchronousAlgorithm):
 @ALGORITHMS.register("d_psgd")
 @dataclass(frozen=True)
 class DecentralizedSGDConfig(GraphKeys):
-    """D-PSGD (Lian et al.), a baseline: each step, gossip-average with all neighbours, then a local SGD step."""
+    """D-PSGD (Lian et al.), a baseline: each step, average with all neighbours, then step.
+
+    Not the asynchronous DPSGD of Mohamad et al. (``dpsgd``).
+    """
 
     def build(self, ctx) -> DecentralizedSGD:
         return DecentralizedSGD(self, ctx)

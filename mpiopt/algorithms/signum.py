@@ -34,9 +34,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from mpiopt import backend, kernels
+from mpiopt.algorithms import ALGORITHMS
 from mpiopt.algorithms.base import AlgorithmConfig, NonFiniteError, SynchronousAlgorithm
 from mpiopt.comm.transport import Channel
-from mpiopt.config import ALGORITHMS, check_ranks, param
+from mpiopt.config import check_ranks, param
 from mpiopt.errors import ConfigError
 
 VOTES = ("sharded", "allgather", "server")
@@ -96,6 +97,16 @@ class Vote:
                 s.down.wait()
             kernels.unpack_signs(s.voted[: s.nb], s.e1 - s.e0, out=u[s.e0:s.e1])
         return u
+
+    def warm_up(self, v, u) -> None:
+        """Run the local kernels of a vote once (pack, vote, unpack); nothing is sent.
+
+        Writes only buffers every call overwrites: the packed signs, the vote, ``u``.
+        """
+        for s in self.segments:
+            kernels.pack_signs(v[s.e0:s.e1], out=s.send[: s.nb])
+            kernels.majority_vote(s.stack, out=s.voted[: s.stack.shape[1]])
+            kernels.unpack_signs(s.voted[: s.nb], s.e1 - s.e0, out=u[s.e0:s.e1])
 
     def _pack(self, s: _Segment, v, scratch) -> None:
         out = s.send[: s.nb]
@@ -193,6 +204,10 @@ class _SignBase(SynchronousAlgorithm):
         ctx.strict_loss = self.cfg.nonfinite == "raise"
         self.adversaries = adversary_ranks(self.cfg.adversaries, ctx.size)
 
+    def warm_up(self) -> None:
+        self.g[...] = 0.0
+        kernels.all_finite(self.g)
+
     def _finite(self, step: int, loss: float) -> bool:
         """Apply the non-finite policy; return False if every rank must skip this step."""
         ok = bool(np.isfinite(loss)) and kernels.all_finite(self.g)
@@ -234,6 +249,10 @@ class Signum(_SignBase):
         super().setup()
         self.vote = Vote(self.cfg.vote, self.ctx.transport, int(self.x.size), self.ctx.xp,
                          self.cfg.segment_bytes, self._tamper())
+
+    def warm_up(self) -> None:
+        super().warm_up()
+        self.vote.warm_up(self.v, self.u)
 
     def step(self, step: int, lr: float) -> float:
         loss = self.local_gradient(step)
@@ -280,6 +299,12 @@ class ScaledSignAverage:
         self.scale = np.zeros(1, np.float64)
         self.scales = np.zeros(n, np.float64)
 
+    def warm_up(self, q) -> None:
+        """Run the local kernels once on zeros (``q`` is scratch); ``e`` is left untouched."""
+        q[...] = 0.0
+        kernels.ef_sign_compress(q, q.copy(), self.packed)
+        kernels.unpack_signs(self.stack[0], self.d, scale=0.0, out=q)
+
     def __call__(self, q, e, out):
         """Compress ``q + e`` (updating ``e``), exchange, and add the average into ``out``.
 
@@ -308,6 +333,10 @@ class EFSignSGD(_SignBase):
         self.e = xp.zeros_like(self.x)
         self.exchange = ScaledSignAverage(self.ctx.transport, int(self.x.size), xp,
                                           self._tamper())
+
+    def warm_up(self) -> None:
+        super().warm_up()
+        self.exchange.warm_up(self.u)
 
     def step(self, step: int, lr: float) -> float:
         xp = self.ctx.xp

@@ -44,12 +44,13 @@ from typing import Any
 
 import numpy as np
 
+from mpiopt.algorithms import ALGORITHMS
 from mpiopt.algorithms.base import GraphKeys, SynchronousAlgorithm
 from mpiopt.comm.transport import Channel, CommTimeout, async_progress_enabled
 from mpiopt.comm.windows import ProgressThread, Window
 from mpiopt.compressors import make_compressor
 from mpiopt.compressors.lattice import LatticeBoundError
-from mpiopt.config import ALGORITHMS, check_ranks, param
+from mpiopt.config import check_ranks, param
 from mpiopt.errors import ConfigError
 
 MODES = ("pull", "pairwise")

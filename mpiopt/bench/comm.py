@@ -48,7 +48,8 @@ def _paired(transport: Transport, first, second, rounds: int, calls: int):
     return np.array(a), np.array(b)
 
 
-def _slowest(transport: Transport, value: float) -> float:
+def slowest(transport: Transport, value: float) -> float:
+    """Return the largest ``value`` over the ranks (the slowest rank's figure)."""
     return transport.allreduce_scalar(float(value), op="max")
 
 
@@ -74,11 +75,11 @@ def measure(transport: Transport, nbytes: int, rounds: int = 12) -> dict:
         ours()
     t_raw, t_ours = _paired(transport, raw, ours, rounds, calls)
     n_a, n_b = _paired(transport, raw, raw, rounds, calls)
-    return {"bytes": nbytes, "raw_s": _slowest(transport, np.median(t_raw)),
-            "transport_s": _slowest(transport, np.median(t_ours)),
-            "ratio": _slowest(transport, np.median(t_ours / t_raw)),
-            "raw_raw_ratio": _slowest(transport, np.median(n_b / n_a)),
-            "raw_GBps": nbytes / _slowest(transport, np.median(t_raw)) / 1e9}
+    return {"bytes": nbytes, "raw_s": slowest(transport, np.median(t_raw)),
+            "transport_s": slowest(transport, np.median(t_ours)),
+            "ratio": slowest(transport, np.median(t_ours / t_raw)),
+            "raw_raw_ratio": slowest(transport, np.median(n_b / n_a)),
+            "raw_GBps": nbytes / slowest(transport, np.median(t_raw)) / 1e9}
 
 
 def call_overhead(calls: int = 20000) -> float:
@@ -102,28 +103,12 @@ def _fmt(nbytes: int) -> str:
     return f"{nbytes} B"
 
 
-STEP_BENCHES = ("signum", "swarm")  # algorithms whose exchange ``--algorithm`` can time
-
-
 def run(max_mb: float = 64.0, repeats: int | None = None, json_path: str | None = None,
-        algorithm: str | None = None, out=print, max_elems: int = 64 << 20) -> list[dict]:
-    """Run the allreduce comparison (or an algorithm's step) on every rank; rank 0 prints."""
-    if algorithm is not None:
-        if algorithm not in STEP_BENCHES:
-            from mpiopt.errors import ConfigError
-
-            raise ConfigError(f"{algorithm!r} has no communication benchmark; choose from "
-                              f"{', '.join(STEP_BENCHES)}", key="--algorithm")
-        if algorithm == "swarm":
-            from mpiopt.bench import gossip
-
-            return gossip.run(min(max_elems, 1 << 22), repeats, json_path, out=out)
-        from mpiopt.bench import vote
-
-        return vote.run(max_elems, repeats, json_path, out=out)
+        out=print) -> list[dict]:
+    """Run the allreduce comparison on every rank; rank 0 prints."""
     transport = Transport()
     rows = [measure(transport, n, repeats or 12) for n in _sizes(max_mb)]
-    overhead = _slowest(transport, call_overhead())
+    overhead = slowest(transport, call_overhead())
     if transport.rank == 0:
         out(f"allreduce of float32 buffers on {transport.size} ranks (median block times; ratios: "
             "median over rounds of paired blocks, order alternated; slowest rank)")

@@ -19,8 +19,8 @@ import numpy as np
 
 from mpiopt import runner
 from mpiopt.comm.transport import Transport, raw_allreduce
-from mpiopt.config import load_config
 from mpiopt.jobs import JOBS_DIR
+from mpiopt.schema import load_config
 
 CONFIG = str(JOBS_DIR / "configs" / "quickstart.yaml")
 

@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from mpiopt.algorithms.signum import SEGMENT_BYTES, Vote
-from mpiopt.bench.comm import _slowest
+from mpiopt.bench.comm import slowest
 from mpiopt.comm.transport import Channel, Transport, raw_allreduce
 
 VARIANTS = (("sharded", 0), ("sharded", SEGMENT_BYTES), ("allgather", 0), ("server", 0))
@@ -76,8 +76,8 @@ def measure(t: Transport, d: int, rounds: int) -> list[dict]:
         mine = np.array(times[name])
         sent = t.allreduce_scalar(float(traffic[name][0]), op="max", channel=Channel.BENCH)
         recv = t.allreduce_scalar(float(traffic[name][1]), op="max", channel=Channel.BENCH)
-        rows.append({"d": d, "transport": name, "time_s": _slowest(t, np.median(mine)),
-                     "ratio": _slowest(t, np.median(mine / ar)),
+        rows.append({"d": d, "transport": name, "time_s": slowest(t, np.median(mine)),
+                     "ratio": slowest(t, np.median(mine / ar)),
                      "sent_bytes": int(sent), "recv_bytes": int(recv)})
     return rows
 

@@ -273,3 +273,27 @@ class ProgressThread:
                 raise CommTimeout(f"the MPI progress thread did not stop within {timeout:g} s")
         if self.error is not None:
             raise RuntimeError(f"the MPI progress thread failed: {self.error}") from self.error
+
+
+class RawReader:
+    """Bare mpi4py ``Get`` + ``Flush`` of ``count`` float32 from a peer (a benchmark reference).
+
+    Every rank exposes a window of ``count`` floats in one long ``Lock_all`` epoch; ``read``
+    is the shortest one-sided read MPI offers, with none of :class:`Window`'s accounting.
+    Collective: every rank of ``transport`` creates and frees it together.
+    """
+
+    def __init__(self, transport: Transport, count: int):
+        self.win = MPI.Win.Allocate(4 * count, 4, comm=transport.comm)
+        self.win.Lock_all(MPI.MODE_NOCHECK)
+        self.buf = np.empty(count, np.float32)
+
+    def read(self, peer: int) -> None:
+        """Read the peer's window into ``self.buf`` and wait until the data has arrived."""
+        self.win.Get(self.buf, peer)
+        self.win.Flush(peer)
+
+    def free(self) -> None:
+        """Close the epoch and free the window (collective)."""
+        self.win.Unlock_all()
+        self.win.Free()

@@ -1,8 +1,10 @@
-"""Datasets and partitions; importing this package registers every dataset."""
+"""Datasets, partitions across ranks, and the registry of datasets.
 
-from mpiopt.data import datasets, hdf5  # noqa: F401  (registers synthetic, digits, hdf5)
-from mpiopt.data.base import DataConfig, DataSource, Shard
-from mpiopt.data.describe import describe
-from mpiopt.data.partition import partition
+Importing this package imports no dataset: :data:`DATASETS` imports the module of an entry
+when the configuration names it.
+"""
 
-__all__ = ["DataConfig", "DataSource", "Shard", "describe", "partition"]
+from mpiopt.config import Registry
+
+DATASETS = Registry("data", __name__, {"digits": "datasets", "hdf5": "hdf5",
+                                      "synthetic": "datasets"})

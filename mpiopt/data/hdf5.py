@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
-from mpiopt.config import DATASETS, param
+from mpiopt.config import param
+from mpiopt.data import DATASETS
 from mpiopt.data.base import DataConfig, DataSource
 from mpiopt.data.partition import split_holdout
 from mpiopt.errors import ConfigError

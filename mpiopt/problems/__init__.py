@@ -1,3 +1,9 @@
-"""Problems; importing this package registers every problem."""
+"""Problems (objectives on a flat vector) and their registry.
 
-from mpiopt.problems import dense  # noqa: F401
+Importing this package imports no problem: :data:`PROBLEMS` imports the module of an entry when
+the configuration names it.
+"""
+
+from mpiopt.config import Registry
+
+PROBLEMS = Registry("problem", __name__, {"mlp": "dense", "softmax": "dense"})

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mpiopt.config import PROBLEMS, param
+from mpiopt.config import param
+from mpiopt.problems import PROBLEMS
 from mpiopt.problems.base import Problem, ProblemConfig
 
 

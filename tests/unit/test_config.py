@@ -4,18 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from mpiopt.config import (
-    ALGORITHMS,
-    Config,
-    RunConfig,
-    build_section,
-    coerce,
-    config_from_dict,
-    config_markdown,
-    load_config,
-    parse_override,
-)
+from mpiopt.algorithms import ALGORITHMS
+from mpiopt.config import Config, RunConfig, build_section, coerce, parse_override
 from mpiopt.errors import ConfigError
+from mpiopt.schema import config_from_dict, config_markdown, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = {"problem": {"name": "softmax"}, "data": {"name": "digits"},
@@ -148,7 +140,7 @@ def test_run_section_is_frozen():
 
 def test_reference_doc_is_current():
     text = (ROOT / "docs" / "config.md").read_text()
-    assert text == config_markdown(), "regenerate: python -m mpiopt.config > docs/config.md"
+    assert text == config_markdown(), "regenerate: python -m mpiopt.schema > docs/config.md"
 
 
 def test_adversaries_take_a_count_or_ranks_checked_against_the_world():

@@ -5,11 +5,13 @@ import numpy as np
 import pytest
 
 import mpiopt.data.hdf5 as hdf5_module
-from mpiopt.config import DATASETS, _resolve_name, build_section
-from mpiopt.data import describe
+from mpiopt.config import build_section
+from mpiopt.data import DATASETS
 from mpiopt.data.datasets import DigitsData, SyntheticData
+from mpiopt.data.describe import describe
 from mpiopt.data.hdf5 import Hdf5Data, read_rows
 from mpiopt.errors import ConfigError
+from mpiopt.schema import resolve_name
 
 
 def _build(name, **raw):
@@ -242,7 +244,7 @@ def test_read_rows_requests_only_the_given_rows_in_blocks():
 
 def test_hdf5_shorthand_sets_path():
     raw = {"name": "hdf5:/data/mnist.h5"}
-    assert _resolve_name(DATASETS, raw, "data") is Hdf5Data
+    assert resolve_name(DATASETS, raw, "data") is Hdf5Data
     assert build_section(Hdf5Data, raw, "data").path == "/data/mnist.h5"
 
 
