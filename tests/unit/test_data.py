@@ -134,6 +134,18 @@ def test_digits_shapes_scaling_and_stratified_split():
     assert np.all(np.abs(test_share - 0.2) < 0.02)
 
 
+def test_digits_file_equals_scikit_learns_loader():
+    from sklearn.datasets import load_digits
+
+    from mpiopt.data.datasets import read_digits
+
+    x, y = read_digits()
+    x_ref, y_ref = load_digits(return_X_y=True)
+    assert np.array_equal(x, (x_ref / 16.0).astype(np.float32)) and x.dtype == np.float32
+    assert np.array_equal(y, y_ref) and y.dtype == np.int64
+    assert not x.flags.writeable  # cached per process: nobody may change it in place
+
+
 def test_digits_split_is_fixed_by_the_seed():
     a, b, c = (DigitsData().load(0, 1, s, True) for s in (0, 0, 1))
     assert np.array_equal(a.x_test, b.x_test)

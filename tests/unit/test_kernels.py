@@ -1,5 +1,6 @@
 """The kernels: numba equals the numpy reference bit for bit; the semantics of each kernel."""
 
+import os
 import subprocess
 import sys
 
@@ -293,3 +294,29 @@ def test_bench_kernels_smoke(tmp_path):
     rows = {(r["kernel"], r["backend"]) for r in saved["rows"]}
     assert ("copy", "numpy") in rows and ("qsgd_quantize(s=4)", "numba") in rows
     assert all(r["gbps"] > 0 for r in result["rows"])
+
+
+def test_dispatch_thresholds():
+    x = np.zeros(1, np.float32)
+    for small in (K.SMALL, K.SMALL_SIGNS, K.SMALL_STREAMING):
+        assert K._impl(x, small - 1, None, small) is K.reference
+        assert K._impl(x, small, None, small).__name__ == "mpiopt.kernels.cpu"
+
+
+def test_thread_count_set_before_numba_loads_is_applied_when_it_loads():
+    code = (
+        "import sys\n"
+        "import numpy as np\n"
+        "from mpiopt import kernels as K\n"
+        "print(K.thread_limit())\n"
+        "K.set_num_threads(1)\n"
+        "K.majority_vote(np.zeros((4, K.SMALL_SIGNS // 8), np.uint8))  # below: numpy\n"
+        "print('numba' in sys.modules)\n"
+        "K.majority_vote(np.zeros((4, K.SMALL_SIGNS), np.uint8))  # numba\n"
+        "print('numba' in sys.modules, K.get_num_threads())\n"
+    )
+    env = {**os.environ, "NUMBA_NUM_THREADS": "2"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split("\n")[:3] == ["2", "False", "True 1"]
