@@ -109,10 +109,14 @@ def cmd_bench(args) -> int:
         from mpiopt.bench import comm
 
         comm.run(args.max_mb, args.repeats, args.json)
+    elif args.what == "startup":
+        from mpiopt.bench import startup
+
+        startup.run(args.repeats, args.json, args.ranks, args.steps)
     else:
         from mpiopt.bench import train
 
-        train.run(args.steps, args.repeats, args.json)
+        train.run(args.steps or 300, args.repeats, args.json)
     return 0
 
 
@@ -158,16 +162,22 @@ def _data_parser(sub) -> None:
 
 def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks against references measured in the same run")
-    p.add_argument("what", choices=("comm", "train", "kernels"))
+    p.add_argument("what", choices=("comm", "train", "kernels", "startup"),
+                   help="startup: run as a plain process (it launches mpiexec itself)")
     p.add_argument("--max-mb", type=float, default=64.0, help="comm: largest buffer (MB)")
     p.add_argument("--repeats", type=int, default=None, help="timed repetitions")
-    p.add_argument("--steps", type=int, default=300, help="train: steps per repetition")
+    p.add_argument("--steps", type=int, default=None,
+                   help="train: steps per repetition (default 300); startup: steps of every "
+                        "run (default: each config's own)")
     p.add_argument("--algorithm", default=None,
                    help="comm: time this algorithm's exchange instead (signum: a vote "
                         "step; swarm: reads of idle and busy partners)")
     p.add_argument("--size", type=int, default=64 * 2**20,
                    help="kernels: elements; comm --algorithm: the largest vector")
     p.add_argument("--threads", type=int, default=None, help="kernels: numba threads")
+    p.add_argument("--ranks", type=int, default=None,
+                   help="startup: ranks of every case (default: 4 for the quickstart, 5 for "
+                        "signum)")
     p.add_argument("--json", default=None, help="also write the results as JSON")
     p.set_defaults(func=cmd_bench)
 

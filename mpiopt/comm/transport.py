@@ -197,18 +197,24 @@ class Transport:
         s.sent += sent
         s.recv += recv
         s.seconds += seconds
+        # Running totals: the step loop reads them twice a step, summing channels would cost
+        # tens of microseconds.
+        self._seconds += seconds
+        if channel is not Channel.EVAL:
+            self._sent += sent
+            self._recv += recv
 
     def bytes_sent(self) -> int:
         """Return the bytes the algorithm sent so far (every channel but EVAL)."""
-        return sum(s.sent for c, s in self.stats.items() if c is not Channel.EVAL)
+        return self._sent
 
     def bytes_recv(self) -> int:
         """Return the bytes the algorithm received so far (every channel but EVAL)."""
-        return sum(s.recv for c, s in self.stats.items() if c is not Channel.EVAL)
+        return self._recv
 
     def comm_seconds(self) -> float:
         """Return the seconds spent inside MPI calls so far."""
-        return sum(s.seconds for s in self.stats.values())
+        return self._seconds
 
     def reset_stats(self) -> None:
         """Zero every channel's counters."""
@@ -216,6 +222,8 @@ class Transport:
         # ``stats`` maps each Channel to the same objects for readers.
         self._slots = [ChannelStats() for _ in range(max(Channel) + 1)]
         self.stats = {c: self._slots[c] for c in Channel}
+        self._sent = self._recv = 0
+        self._seconds = 0.0
 
     # ----------------------------------------------------------------- GPU safety
 

@@ -40,9 +40,22 @@ class DenseNet(Problem):
         self.x_test = None if shard.x_test is None else xp.asarray(shard.x_test, self.dtype)
         self.y_test = None if shard.y_test is None else xp.asarray(shard.y_test)
         self._order, self._pos = None, 0
+        self._views: list = []  # (vector, its views), most recent first
 
     def views(self, flat):
-        """Split a flat vector into per-layer (weight, bias) views, without copying."""
+        """Split a flat vector into per-layer (weight, bias) views, without copying.
+
+        The views of the last few vectors are kept: a step asks for those of the same
+        parameter and gradient buffers every time.
+        """
+        for seen, views in self._views:
+            if seen is flat:
+                return views
+        views = self._split(flat)
+        self._views = [(flat, views), *self._views[:3]]
+        return views
+
+    def _split(self, flat):
         out, at = [], 0
         for a, b in self.shapes:
             w = flat[at: at + a * b].reshape(a, b)
