@@ -151,6 +151,9 @@ class RunConfig(Section):
         low=0, high=1)
     device: str = param("cpu", "Where arrays live: cpu (numpy), gpu (CuPy), auto.",
                         choices=("cpu", "gpu", "auto"))
+    cuda_aware: bool | str = param(
+        "auto", "Whether MPI takes device buffers: auto (probed once per job, before "
+        "training), true, or false (staged through host memory).", choices=("auto", True, False))
     time_limit_s: float | None = param(None, "Stop after this wall time (seconds).", low=0,
                                           low_open=True)
 

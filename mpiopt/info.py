@@ -27,7 +27,8 @@ def collect() -> dict:
     from mpiopt.comm.transport import mpi_info
 
     gpus = backend.gpu_count()
-    aware = backend.cuda_aware_mpi() if gpus else None
+    # The same probe as ``run.cuda_aware: auto``, on this process's own GPU.
+    probe = backend.probe_cuda_aware(backend.device_index(gpus)) if gpus else None
     facts = {
         "mpiopt": __version__,
         "python": platform.python_version(),
@@ -38,8 +39,9 @@ def collect() -> dict:
         "cupy": _cupy_version(),
         **{f"mpi_{k}": v for k, v in mpi_info().items()},
         "gpus": gpus,
-        "cuda_aware_mpi": ("unknown: no GPU" if aware is None
-                           else "yes (probed)" if aware else "no (probed; host staging)"),
+        "cuda_aware_mpi": ("unknown: no GPU" if probe is None
+                           else f"yes (probed: {probe.detail})" if probe.aware
+                           else f"no (probed: {probe.detail}; host staging)"),
     }
     return facts
 

@@ -83,10 +83,15 @@ def prepare(transport: Transport, config_path: str, overrides: list[str]):
     return cfg, transport.bcast_obj(out)
 
 
+def _device(cfg: Config) -> str:
+    """Return where this run's arrays live: ``run.device``, or cpu for host-only algorithms."""
+    return "cpu" if cfg.algorithm.HOST_ONLY else cfg.run.device
+
+
 def build_problem(transport: Transport, cfg: Config):
     """Load this rank's shard and build the problem (every rank; errors agreed)."""
     def build():
-        xp = backend.select("cpu" if cfg.algorithm.HOST_ONLY else cfg.run.device)
+        xp = backend.select(_device(cfg))
         shard = cfg.data.load(transport.rank, transport.size, cfg.run.seed,
                               with_test=transport.rank == 0)
         n = shard.x_train.shape[0]
@@ -162,6 +167,7 @@ def _summary(ctx: Context, cfg: Config, totals: list[dict], wall: float) -> dict
         "peak_rss_mb": [t["rss"] for t in totals],
         "seed": cfg.run.seed, "time_to_target": _time_to_target(ctx, cfg.run.target_accuracy),
         "model_dim": int(ctx.problem.dim), "mpi": mpi_info()["library"],
+        "cuda_aware_mpi": ctx.transport.cuda_aware,
         "mpiopt_version": __version__, "config": cfg.to_dict(),
     }
 
@@ -224,11 +230,16 @@ def run(config_path: str, sets=None, steps=None, seed=None, out=None, overwrite=
                            _overrides(sets, steps, seed, out, overwrite, quiet))
     transport.timeout = cfg.run.comm_timeout_s
     share_cores(transport)
+    # Decided once for the job, before any rank touches its GPU (the probe's child needs it).
+    transport.cuda_aware, gpu_line = backend.decide_cuda_aware(transport, cfg.run.cuda_aware,
+                                                               _device(cfg))
     xp, shard, problem = build_problem(transport, cfg)
     loud = transport.rank == 0 and not cfg.run.quiet
     if transport.rank == 0:
         for warning in cfg.warnings:
             print(f"mpiopt: warning: {warning}", flush=True)
+        if gpu_line:
+            print(f"mpiopt: {gpu_line}", flush=True)
         print(describe_start(cfg, transport.size, out_dir, problem.dim), flush=True)
     _create_dir(transport, cfg, out_dir)
     steplog = StepLog(rank_log_path(out_dir, transport.rank), cfg.run.metrics_chunk)

@@ -3,8 +3,10 @@
 Every message of mpiopt goes through a :class:`Transport`. It wraps a duplicated
 communicator, names each kind of traffic with a :class:`Channel` (also its MPI tag), counts the
 bytes each channel sends and receives and the seconds spent inside MPI, and makes GPU buffers
-safe: the current CUDA stream is synchronised before any MPI call and, when MPI is not
-CUDA-aware, device buffers are staged through host memory.
+safe: before any MPI call the current stream of the buffer's device is synchronised (see
+:func:`mpiopt.backend.synchronize` for that contract) and, unless MPI is known to be
+CUDA-aware, device buffers are staged through leased host arrays
+(:class:`mpiopt.backend.StagingPool`).
 
 Blocking collectives run at full speed; a watchdog thread enforces their deadline and aborts the
 job with a message naming the operation, the peer, the channel and the step. Nonblocking
@@ -23,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from mpi4py import MPI
+
+from mpiopt import backend
 
 DEFAULT_TIMEOUT_S = 300.0
 SPIN_S = 0.05  # poll without sleeping this long: most messages complete within it
@@ -60,6 +64,14 @@ def _nbytes(buf) -> int:
 
 def _is_device(buf) -> bool:
     return type(buf).__module__.startswith("cupy")
+
+
+def _copy_back(buf, host) -> None:
+    """Copy a staged host result into the device buffer it stands for."""
+    if host is not buf and host is not None:
+        # Synchronous from page-locked memory (no stream given): the host array may be
+        # leased again as soon as this returns.
+        buf.set(host)
 
 
 class _Watchdog:
@@ -102,14 +114,15 @@ class Handle:
     """
 
     def __init__(self, transport: Transport, request, what: str, peer, channel: Channel,
-                 finish=None):
+                 finish=None, release=None):
         self.transport = transport
         self.request = request
         self.what = what
         self.peer = peer
         self.channel = channel
         self.step = transport.step
-        self._finish = finish
+        self._finish = finish  # on completion only (copies a staged receive back)
+        self._release = release  # once, on completion or cancel (returns staging leases)
         self.done = False
 
     def test(self) -> bool:
@@ -144,6 +157,12 @@ class Handle:
         self.done = True
         if self._finish is not None:
             self._finish()
+        self._let_go()
+
+    def _let_go(self) -> None:
+        if self._release is not None:
+            self._release()
+            self._release = None
 
     def cancel(self) -> None:
         """Cancel the operation if it has not completed (used by stop protocols)."""
@@ -151,6 +170,7 @@ class Handle:
             self.request.Cancel()
             self.request.Wait()
             self.done = True
+            self._let_go()
 
     def describe(self, problem: str) -> str:
         return (f"{self.what} {problem} (peer {self.peer}, tag {self.channel.name}, "
@@ -173,8 +193,12 @@ class Transport:
     Args:
         comm: the communicator to duplicate (default ``COMM_WORLD``).
         timeout: deadline in seconds of any single wait.
-        cuda_aware: whether MPI takes device buffers directly; ``None`` decides by a real probe
-            the first time a device buffer is seen.
+        cuda_aware: whether MPI takes device buffers directly, as decided for the whole job
+            (:func:`mpiopt.backend.decide_cuda_aware`; the runner does it from
+            ``run.cuda_aware``). ``None`` (undecided) stages device buffers through host
+            memory, which is always correct: the transport never probes by itself, because a
+            probe inside the first collective would run on some ranks only, lazily, while
+            their peers wait.
     """
 
     def __init__(self, comm=None, timeout: float = DEFAULT_TIMEOUT_S,
@@ -188,7 +212,7 @@ class Transport:
         self.step = -1
         self.reset_stats()
         self._watchdog = _Watchdog(MPI.COMM_WORLD.Get_rank())
-        self._staging: dict = {}
+        self.staging = backend.StagingPool()
 
     # ----------------------------------------------------------------- accounting
 
@@ -227,30 +251,35 @@ class Transport:
 
     # ----------------------------------------------------------------- GPU safety
 
-    def _host(self, buf):
-        """Return an MPI-safe view of ``buf``: host staging for device memory if needed."""
+    def _host(self, buf, fill: bool = True):
+        """Return an MPI-safe stand-in for ``buf``: itself, or a leased host array.
+
+        A device buffer's stream is synchronised first. Unless MPI is CUDA-aware, a host array
+        is leased from :attr:`staging`, filled with ``buf``'s data if ``fill`` (a buffer that
+        is only received into needs no copy); :meth:`_back` (or the handle of a nonblocking
+        operation) returns it once MPI is done with it.
+        """
         if buf is None or not _is_device(buf):
             return buf
-        from mpiopt import backend
-
         backend.synchronize(buf)
-        if self.cuda_aware is None:
-            self.cuda_aware = backend.cuda_aware_mpi()
         if self.cuda_aware:
             return buf
-        key = (buf.data.ptr, buf.nbytes)
-        host = self._staging.get(key)
-        if host is None:
-            host = backend.pinned_empty(buf.shape, buf.dtype)
-            self._staging[key] = host
-        buf.get(out=host)
+        host = self.staging.acquire(buf.shape, buf.dtype)
+        if fill:
+            buf.get(out=host)
         return host
 
-    @staticmethod
-    def _back(buf, host) -> None:
-        """Copy a staged host result back into the device buffer it stands for."""
-        if host is not buf and host is not None:
-            buf.set(host)
+    def _back(self, buf, host, copy: bool = True) -> None:
+        """Copy a staged host result back into ``buf`` (if ``copy``) and release the lease."""
+        if host is buf or host is None:
+            return
+        if copy:
+            _copy_back(buf, host)
+        self.staging.release(host)
+
+    def release_staging(self) -> None:
+        """Drop the free host staging arrays (leases in flight stay valid)."""
+        self.staging.clear()
 
     def _call(self, what: str, peer, channel: Channel, sent: int, recv: int, fn, *args,
               **kwargs):
@@ -283,26 +312,29 @@ class Transport:
     def bcast(self, buf, root: int = 0, channel: Channel = Channel.MODEL):
         """Broadcast ``buf`` from ``root`` in place; the root counts the buffer once sent."""
         nb = _nbytes(buf)
-        sent, recv = (nb, 0) if self.rank == root else (0, nb)
-        host = self._host(buf)
+        is_root = self.rank == root
+        sent, recv = (nb, 0) if is_root else (0, nb)
+        host = self._host(buf, fill=is_root)
         self._call("bcast", f"root {root}", channel, sent if self.size > 1 else 0, recv,
                    self.comm.Bcast, host, root=root)
-        self._back(buf, host)
+        self._back(buf, host, copy=not is_root)
         return buf
 
     def allgather(self, sendbuf, recvbuf, channel: Channel = Channel.MODEL):
         """Gather every rank's ``sendbuf`` into ``recvbuf`` (rank-major) on all ranks."""
         nb = _nbytes(sendbuf) * (self.size - 1)
-        s, r = self._host(sendbuf), self._host(recvbuf)
+        s, r = self._host(sendbuf), self._host(recvbuf, fill=False)
         self._call("allgather", "all", channel, nb, nb, self.comm.Allgather, s, r)
+        self._back(sendbuf, s, copy=False)
         self._back(recvbuf, r)
         return recvbuf
 
     def alltoall(self, sendbuf, recvbuf, channel: Channel = Channel.VOTE):
         """Send block ``j`` of ``sendbuf`` to rank ``j``; receive rank ``i``'s into block i."""
         nb = _nbytes(sendbuf) * (self.size - 1) // max(self.size, 1)
-        s, r = self._host(sendbuf), self._host(recvbuf)
+        s, r = self._host(sendbuf), self._host(recvbuf, fill=False)
         self._call("alltoall", "all", channel, nb, nb, self.comm.Alltoall, s, r)
+        self._back(sendbuf, s, copy=False)
         self._back(recvbuf, r)
         return recvbuf
 
@@ -312,9 +344,10 @@ class Transport:
         root_recv = nb * (self.size - 1) if self.rank == root else 0
         sent = 0 if self.rank == root else nb
         s = self._host(sendbuf)
-        r = self._host(recvbuf) if self.rank == root else None
+        r = self._host(recvbuf, fill=False) if self.rank == root else None
         self._call("gather", f"root {root}", channel, sent, root_recv, self.comm.Gather, s, r,
                    root=root)
+        self._back(sendbuf, s, copy=False)
         if self.rank == root:
             self._back(recvbuf, r)
         return recvbuf
@@ -342,13 +375,31 @@ class Transport:
     # ----------------------------------------------------------------- nonblocking
 
     def _start(self, what: str, peer, channel: Channel, sent: int, recv: int, post,
-               recvbuf=None, host=None) -> Handle:
-        """Post a nonblocking collective, charge its bytes and return its handle."""
+               recvbuf=None, host=None, sendbuf=None, send_host=None) -> Handle:
+        """Post a nonblocking collective, charge its bytes and return its handle.
+
+        ``host`` and ``send_host`` are the staged stand-ins of ``recvbuf`` and ``sendbuf``:
+        the handle copies the first back on completion and releases both.
+        """
         t0 = time.perf_counter()
         req = post()
         self._charge(channel, sent, recv, time.perf_counter() - t0)
-        finish = None if recvbuf is None else (lambda: self._back(recvbuf, host))
-        return Handle(self, req, what, peer, channel, finish=finish)
+        return Handle(self, req, what, peer, channel,
+                      finish=None if recvbuf is None else lambda: _copy_back(recvbuf, host),
+                      release=self._releaser((sendbuf, send_host), (recvbuf, host)))
+
+    def _releaser(self, *pairs):
+        """Return a callback releasing the leases of ``(buffer, stand-in)`` pairs, or None."""
+        leases = [h for b, h in pairs if h is not b and h is not None]
+        if not leases:
+            return None
+        if len(leases) == 2 and leases[0] is leases[1]:  # one in-place buffer (ibcast)
+            leases.pop()
+
+        def release():
+            for h in leases:
+                self.staging.release(h)
+        return release
 
     def ibarrier(self, channel: Channel = Channel.CONTROL) -> Handle:
         """Start a barrier; waiting on its handle idles politely (polls with backoff)."""
@@ -357,16 +408,16 @@ class Transport:
     def iallgather(self, sendbuf, recvbuf, channel: Channel = Channel.MODEL) -> Handle:
         """Start :meth:`allgather`; ``recvbuf`` is valid once the handle completes."""
         nb = _nbytes(sendbuf) * (self.size - 1)
-        s, r = self._host(sendbuf), self._host(recvbuf)
+        s, r = self._host(sendbuf), self._host(recvbuf, fill=False)
         return self._start("allgather", "all", channel, nb, nb,
-                           lambda: self.comm.Iallgather(s, r), recvbuf, r)
+                           lambda: self.comm.Iallgather(s, r), recvbuf, r, sendbuf, s)
 
     def ialltoall(self, sendbuf, recvbuf, channel: Channel = Channel.VOTE) -> Handle:
         """Start :meth:`alltoall`; ``recvbuf`` is valid once the handle completes."""
         nb = _nbytes(sendbuf) * (self.size - 1) // max(self.size, 1)
-        s, r = self._host(sendbuf), self._host(recvbuf)
+        s, r = self._host(sendbuf), self._host(recvbuf, fill=False)
         return self._start("alltoall", "all", channel, nb, nb,
-                           lambda: self.comm.Ialltoall(s, r), recvbuf, r)
+                           lambda: self.comm.Ialltoall(s, r), recvbuf, r, sendbuf, s)
 
     def igather(self, sendbuf, recvbuf, root: int = 0,
                 channel: Channel = Channel.GRADIENT) -> Handle:
@@ -374,19 +425,21 @@ class Transport:
         nb = _nbytes(sendbuf)
         is_root = self.rank == root
         s = self._host(sendbuf)
-        r = self._host(recvbuf) if is_root else None
+        r = self._host(recvbuf, fill=False) if is_root else None
         return self._start("gather", f"root {root}", channel, 0 if is_root else nb,
                            nb * (self.size - 1) if is_root else 0,
                            lambda: self.comm.Igather(s, r, root=root),
-                           recvbuf if is_root else None, r)
+                           recvbuf if is_root else None, r, sendbuf, s)
 
     def ibcast(self, buf, root: int = 0, channel: Channel = Channel.MODEL) -> Handle:
         """Start :meth:`bcast`; ``buf`` is valid everywhere once the handle completes."""
         nb = _nbytes(buf)
-        sent, recv = (nb if self.size > 1 else 0, 0) if self.rank == root else (0, nb)
-        host = self._host(buf)
+        is_root = self.rank == root
+        sent, recv = (nb if self.size > 1 else 0, 0) if is_root else (0, nb)
+        host = self._host(buf, fill=is_root)
         return self._start("bcast", f"root {root}", channel, sent, recv,
-                           lambda: self.comm.Ibcast(host, root=root), buf, host)
+                           lambda: self.comm.Ibcast(host, root=root),
+                           None if is_root else buf, host, buf, host)
 
     # ----------------------------------------------------------------- point to point
 
@@ -395,15 +448,15 @@ class Transport:
         host = self._host(buf)
         req = self.comm.Isend(host, dest=dest, tag=int(channel))
         self._charge(channel, _nbytes(buf), 0, 0.0)
-        return Handle(self, req, "send", dest, channel)
+        return Handle(self, req, "send", dest, channel, release=self._releaser((buf, host)))
 
     def irecv(self, buf, source: int, channel: Channel) -> Handle:
         """Start receiving into ``buf`` from ``source`` on ``channel``; return its handle."""
-        host = self._host(buf)
+        host = self._host(buf, fill=False)
         req = self.comm.Irecv(host, source=source, tag=int(channel))
         self._charge(channel, 0, _nbytes(buf), 0.0)
         return Handle(self, req, "receive", source, channel,
-                      finish=lambda: self._back(buf, host))
+                      finish=lambda: _copy_back(buf, host), release=self._releaser((buf, host)))
 
     def sendrecv(self, sendbuf, dest: int, recvbuf, source: int, channel: Channel) -> None:
         """Exchange buffers with two peers (possibly the same) under the deadline."""
@@ -423,7 +476,8 @@ class Transport:
         return Transport(sub, self.timeout, self.cuda_aware, _dup=False)
 
     def free(self) -> None:
-        """Release the duplicated communicator."""
+        """Release the duplicated communicator and the free host staging arrays."""
+        self.release_staging()
         if self.comm != MPI.COMM_NULL and self.comm != MPI.COMM_WORLD:
             self.comm.Free()
 

@@ -15,19 +15,34 @@ from conftest import launch  # noqa: E402
 
 SCRIPT = r"""
 import cupy as cp, numpy as np
+from mpiopt import backend
 from mpiopt.comm.transport import Channel, Transport
 t = Transport(timeout=60)
-x = cp.full(1 << 20, t.rank + 1, dtype=cp.float32)
-t.allreduce(x, Channel.GRADIENT)
-assert float(x[0]) == t.size * (t.size + 1) / 2 and bool((x == x[0]).all())
-y = cp.zeros(8, cp.float32)
-h = [t.irecv(y, (t.rank - 1) % t.size, Channel.MODEL),
-     t.isend(cp.full(8, t.rank, cp.float32), (t.rank + 1) % t.size, Channel.MODEL)]
-for handle in h:
-    handle.wait()
-assert bool((y == (t.rank - 1) % t.size).all())
+aware, line = backend.decide_cuda_aware(t, "auto", "gpu")  # before touching the device
+cp.cuda.Device(backend.device_index(backend.gpu_count())).use()
+for mode in ([aware, False] if aware else [False]):
+    t.cuda_aware = mode
+    x = cp.full(1 << 20, t.rank + 1, dtype=cp.float32)
+    t.allreduce(x, Channel.GRADIENT)
+    assert float(x[0]) == t.size * (t.size + 1) / 2 and bool((x == x[0]).all())
+    y, z = cp.zeros(8, cp.float32), cp.zeros(8, cp.float32)
+    s = cp.cuda.Stream(non_blocking=True)
+    with s:  # produced on another stream: passed explicitly before the send
+        w = cp.full(8, t.rank + 0.5, cp.float32)
+    backend.synchronize(w, stream=s)
+    h = [t.irecv(y, (t.rank - 1) % t.size, Channel.MODEL),
+         t.irecv(z, (t.rank + 1) % t.size, Channel.GOSSIP),
+         t.isend(cp.full(8, t.rank, cp.float32), (t.rank + 1) % t.size, Channel.MODEL),
+         t.isend(w, (t.rank - 1) % t.size, Channel.GOSSIP)]
+    for handle in h:
+        handle.wait()
+    assert bool((y == (t.rank - 1) % t.size).all())
+    assert bool((z == (t.rank + 1) % t.size + 0.5).all())
+    assert t.staging.leased == 0
+t.free()
+assert len(t.staging) == 0
 if t.rank == 0:
-    print("gpu transport ok, cuda-aware:", t.cuda_aware, flush=True)
+    print("gpu transport ok;", line, flush=True)
 """
 
 
@@ -38,7 +53,7 @@ def test_device_buffers_through_the_transport(tmp_path, n):
     script.write_text(SCRIPT)
     res = launch(n, [sys.executable, "-m", "mpi4py", str(script)], timeout=180)
     assert res.returncode == 0, res.stderr
-    assert "gpu transport ok" in res.stdout
+    assert "gpu transport ok; CUDA-aware MPI: " in res.stdout
 
 
 @pytest.mark.gpu
