@@ -242,7 +242,8 @@ def _check_range(value: Any, meta: dict, key: str) -> None:
         return
     choices = meta.get("choices")
     if choices and value not in choices:
-        raise ConfigError(f"{value!r} is not one of: {', '.join(map(str, choices))}", key=key)
+        raise ConfigError(f"{value!r} is not one of: {', '.join(map(_yaml_text, choices))}",
+                          key=key)
     values = value if isinstance(value, tuple) else (value,)
     for v in values:
         if not isinstance(v, (int, float)) or isinstance(v, bool):
@@ -254,6 +255,11 @@ def _check_range(value: Any, meta: dict, key: str) -> None:
         bad_high = high is not None and (v >= high if meta.get("high_open") else v > high)
         if bad_low or bad_high:
             raise ConfigError(f"must be in {_range_text(meta)}, got {v}", key=key)
+
+
+def _yaml_text(value: Any) -> str:
+    """Return ``value`` as it is written in YAML (``true``, not ``True``)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _range_text(meta: dict) -> str:
@@ -361,7 +367,7 @@ def field_rows(cls: type, names: list[str]) -> list[str]:
         meta = f.metadata
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if meta.get("choices"):
-            valid = ", ".join(map(str, meta["choices"]))
+            valid = ", ".join(map(_yaml_text, meta["choices"]))
         elif meta.get("low") is not None or meta.get("high") is not None:
             valid = _range_text(meta)
         else:

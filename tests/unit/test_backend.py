@@ -18,8 +18,8 @@ import pytest
 
 from mpiopt import backend
 from mpiopt.backend import Probe, StagingPool
-from mpiopt.config import config_from_dict
 from mpiopt.errors import ConfigError
+from mpiopt.schema import config_from_dict
 
 BASE = {"problem": {"name": "softmax"}, "data": {"name": "digits"},
         "algorithm": {"name": "allreduce"}}
