@@ -55,6 +55,7 @@ def test_coerce_rejects_with_key(value, tp):
     ("algorithm", "schedule", "exp", "algorithm.schedule: 'exp' is not one of: constant, "
      "step, cosine"),
     ("algorithm", "lr", float("nan"), "algorithm.lr: must be finite, got nan"),
+    ("run", "cuda_aware", "maybe", "run.cuda_aware: 'maybe' is not one of: auto, true, false"),
 ])
 def test_out_of_range_values(section, key, value, message):
     raw = {s: dict(v) for s, v in BASE.items()}
