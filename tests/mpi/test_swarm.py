@@ -9,10 +9,13 @@ from test_run import read_summary, run, write_config
 pytestmark = pytest.mark.mpi
 
 
-def _check_averaging(n, mode, quantize, topologies, env=None):
-    """Run check_swarm.py (the lr = 0 invariants) on ``n`` ranks; fail on any violation."""
-    passed = f"swarm checks passed on {n} ranks ({mode}, {quantize})"
-    run_check_script(n, "check_swarm.py", passed, args=[mode, quantize, *topologies], env=env)
+def _check_averaging(n, cases, env=None):
+    """Run check_swarm.py (the lr = 0 invariants) on ``n`` ranks; fail on any violation.
+
+    ``cases`` are ``MODE,QUANTIZE,TOPOLOGY[,OPTION...]`` strings, checked in one launch.
+    """
+    passed = f"swarm checks passed on {n} ranks ({len(cases)} cases)"
+    run_check_script(n, "check_swarm.py", passed, args=cases, env=env)
 
 
 def _stalled_run(tmp_path, name, env=None, **keys):
@@ -28,22 +31,25 @@ def _stalled_run(tmp_path, name, env=None, **keys):
     return read_summary(tmp_path / name)
 
 
-@pytest.mark.parametrize("n, mode, quantize, topologies", [
-    (2, "pairwise", "none", ["complete", "ring"]),
-    (3, "pull", "lattice16", ["complete", "ring"]),
-    (5, "pairwise", "lattice16", ["ring", "random_regular:2"]),
-    (6, "pull", "lattice8", ["random_regular:3", "torus"]),
-    (6, "pairwise", "fp16", ["torus", "complete"]),
-    (1, "pull", "lattice16", ["complete"]),
+def _cases(mode, quantize, topologies, *options):
+    return [",".join([mode, quantize, t, *options]) for t in topologies]
+
+
+@pytest.mark.parametrize("n, cases", [
+    (1, _cases("pull", "lattice16", ["complete"])),
+    (2, _cases("pairwise", "none", ["complete", "ring"])),
+    # Reads by MPI Get (the path of partners on other nodes) beside direct reads.
+    (3, _cases("pull", "lattice16", ["complete", "ring"])
+     + _cases("pairwise", "lattice16", ["ring", "complete"], "get")),
+    # MPI Get; the authors' exclusive-publish/shared-read MPI locks.
+    (4, _cases("pull", "lattice16", ["ring", "complete"], "get")
+     + _cases("pull", "lattice16", ["ring", "complete"], "locks")),
+    (5, _cases("pairwise", "lattice16", ["ring", "random_regular:2"])),
+    (6, _cases("pull", "lattice8", ["random_regular:3", "torus"])
+     + _cases("pairwise", "fp16", ["torus", "complete"])),
 ])
-def test_averaging_with_lr_zero(n, mode, quantize, topologies):
-    _check_averaging(n, mode, quantize, topologies)
-
-
-@pytest.mark.parametrize("n, mode", [(3, "pairwise"), (4, "pull")])
-def test_averaging_through_mpi_get(n, mode):
-    # The path of partners on other nodes: every read is a Get under the NOCHECK epoch.
-    _check_averaging(n, mode, "lattice16", ["ring", "complete"], {"MPIOPT_TEST_GET": "1"})
+def test_averaging_with_lr_zero(n, cases):
+    _check_averaging(n, cases)
 
 
 # Partners on another node, emulated on one machine: MPICH's shared-memory path is off
@@ -55,12 +61,8 @@ OTHER_NODES = {"MPIR_CVAR_NOLOCAL": "1", "UCX_TLS": "tcp,self"}
 @pytest.mark.parametrize("n, mode, quantize, slots", [(3, "pairwise", "lattice16", 2),
                                                        (4, "pull", "fp16", 3)])
 def test_averaging_across_emulated_nodes(n, mode, quantize, slots):
-    _check_averaging(n, mode, quantize, ["ring", "complete"],
-                     {**OTHER_NODES, "MPIOPT_TEST_SLOTS": str(slots)})
-
-
-def test_averaging_under_mpi_locks():
-    _check_averaging(4, "pull", "lattice16", ["ring", "complete"], {"MPIOPT_TEST_LOCKS": "1"})
+    _check_averaging(n, _cases(mode, quantize, ["ring", "complete"], f"slots={slots}"),
+                     OTHER_NODES)
 
 
 def test_gpu_device_is_refused_before_anything_is_written(tmp_path):
@@ -112,19 +114,12 @@ def test_get_reads_do_not_wait_for_a_stalled_partner(tmp_path):
 
 
 def test_ranks_of_different_speeds_stop_cleanly_twenty_times(tmp_path):
-    for i in range(20):
-        mode = ("pull", "pairwise")[i % 2]
-        cfg = write_config(tmp_path, {"algorithm": {
-            "name": "swarm", "lr": 0.05, "momentum": 0.9, "mode": mode,
-            "local_steps": 2, "local_steps_dist": "geometric", "topology": "ring",
-            "slow_ranks": [i % 3], "slow_s": 0.003}, "run": {"steps": 40, "eval_every": 0,
-                                                             "seed": i}})
-        out = tmp_path / f"r{i}"
-        res = run(3, cfg, out, timeout=60)
-        assert res.returncode == 0, (i, res.stderr)
-        s = read_summary(out)
-        assert s["steps_per_rank"] == [40, 40, 40]
-        assert np.isfinite(s["final"]["loss"])
+    cfg = write_config(tmp_path, {"algorithm": {
+        "name": "swarm", "lr": 0.05, "momentum": 0.9, "local_steps": 2,
+        "local_steps_dist": "geometric", "topology": "ring", "slow_s": 0.003},
+        "run": {"steps": 40, "eval_every": 0}})
+    run_check_script(3, "check_stops.py", "stop checks passed on 3 ranks (20 runs)",
+                     args=[cfg, str(tmp_path)])
 
 
 def test_progress_thread_serves_reads_from_other_nodes(tmp_path):

@@ -7,11 +7,11 @@ Checks: ``pairwise`` preserves the sum of all models (to float rounding); every 
 the models to consensus; a lattice-decoded copy is within eps/2 of the partner's published
 model, and a reference beyond the distance bound falls back to the float32 copy (counted).
 
-Usage: check_swarm.py MODE QUANTIZE TOPOLOGY... (MPIOPT_TEST_GET=1: reads by MPI Get only;
-MPIOPT_TEST_SLOTS=K: K publish slots; MPIOPT_TEST_LOCKS=1: MPI locks, pull mode only)
+Usage: check_swarm.py CASE... with CASE = MODE,QUANTIZE,TOPOLOGY[,OPTION...]; the options are
+``get`` (reads by MPI Get only), ``locks`` (MPI locks, pull mode only) and ``slots=K`` (K
+publish slots). The cases run one after the other in this one job, each with its own windows.
 """
 
-import os
 import sys
 import time
 
@@ -21,11 +21,12 @@ from mpiopt.algorithms.swarm import Gossip, SwarmConfig
 from mpiopt.comm.topology import build_topology
 from mpiopt.comm.transport import Transport
 
-mode, quantize, topologies = sys.argv[1], sys.argv[2], sys.argv[3:]
 t = Transport(timeout=60)
 r, n = t.rank, t.size
 d = 1001
-for spec in topologies:
+for case in sys.argv[1:]:
+    mode, quantize, spec, *options = case.split(",")
+    slots = [int(o.split("=")[1]) for o in options if o.startswith("slots=")]
     rng = np.random.default_rng([3, r])
     x = rng.standard_normal(d).astype(np.float32)
     start_sum = t.allreduce(x.astype(np.float64).copy())
@@ -34,9 +35,8 @@ for spec in topologies:
     cfg = SwarmConfig(topology=spec, mode=mode, quantize=quantize,
                       lattice_eps=1e-3 if quantize.startswith("lattice") else None)
     gossip = Gossip(t, d, build_topology(spec, n, 0), mode, cfg.compressor(n),
-                    direct_reads=os.environ.get("MPIOPT_TEST_GET") != "1",
-                    slots=int(os.environ.get("MPIOPT_TEST_SLOTS", "2")),
-                    locks=os.environ.get("MPIOPT_TEST_LOCKS") == "1")
+                    direct_reads="get" not in options, slots=slots[0] if slots else 2,
+                    locks="locks" in options)
     gossip.start(x)
     for step in range(60 if n > 1 else 3):
         gossip.drain(x)
@@ -50,14 +50,14 @@ for spec in topologies:
         before = gossip.fallbacks
         decoded = gossip.read(j, x).copy()  # decoded against our own model
         eps = cfg.lattice_eps
-        assert gossip.fallbacks == before, (spec, "unexpected fallback")
+        assert gossip.fallbacks == before, (case, "unexpected fallback")
         err = float(np.abs(decoded.astype(np.float64) - exact).max())
-        assert err <= eps / 2 * (1 + 1e-6) + 1e-6, (spec, err, eps / 2)
+        assert err <= eps / 2 * (1 + 1e-6) + 1e-6, (case, err, eps / 2)
         # A reference beyond the distance bound q*eps/2 must fall back to the float32 copy.
         q = 1 << 16 if quantize == "lattice16" else 1 << 8
         far = x + np.float32(q * eps)
         got = gossip.read(j, far)
-        assert gossip.fallbacks == before + 1, (spec, "no fallback beyond the bound")
+        assert gossip.fallbacks == before + 1, (case, "no fallback beyond the bound")
         assert np.array_equal(got, exact)
         gossip.fallbacks = before
     t.barrier()
@@ -70,8 +70,8 @@ for spec in topologies:
         assert np.allclose(end_sum, start_sum, rtol=0, atol=1e-4 * n), (
             spec, np.abs(end_sum - start_sum).max())
     if n > 1:
-        assert end_dist < 0.05 * start_dist, (spec, start_dist, end_dist)
+        assert end_dist < 0.05 * start_dist, (case, start_dist, end_dist)
     assert sum(tot["interactions"] for tot in totals) == (60 * n if n > 1 else 0)
 t.barrier()
 if r == 0:
-    print(f"swarm checks passed on {n} ranks ({mode}, {quantize})", flush=True)
+    print(f"swarm checks passed on {n} ranks ({len(sys.argv) - 1} cases)", flush=True)
