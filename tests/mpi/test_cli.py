@@ -30,7 +30,8 @@ INVALID = [
      "invalid YAML in {t}/b.yaml at line 2, column 1: expected ',' or '}}', but got "
      "'<stream end>'"),
     ("unknown key", lambda t: QUICK, ["--set", "run.stepz=3"],
-     "run.stepz: unknown key for run; valid keys: comm_timeout_s, device, eval_every, "
+     "run.stepz: unknown key for run; valid keys: comm_timeout_s, cuda_aware, device, "
+     "eval_every, "
      "metrics_chunk, out, overwrite, progress_every_s, quiet, seed, steps, target_accuracy, "
      "time_limit_s"),
     ("unknown algorithm", lambda t: QUICK, ["--set", "algorithm.name=adam"],
