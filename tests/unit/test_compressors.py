@@ -67,6 +67,8 @@ def test_round_trip_and_size(name, params, nbytes):
         kept = np.argsort(-np.abs(X))[:101]
         np.testing.assert_array_equal(y[kept], X[kept])
         assert np.count_nonzero(y) == 101
+    if name == "qsgd":
+        assert_on_qsgd_grid(X, y, params["levels"], params["bucket"], payload.norms)
 
 
 @pytest.mark.parametrize("name,params,nbytes", SPECS)
@@ -94,6 +96,77 @@ def test_fp16_overflow_raises():
     c = make_compressor("fp16")
     with pytest.raises(NonFiniteError, match="overflow"):
         c.compress(np.array([1e5], np.float32), c.init(None))
+
+
+# --------------------------------------------------------------------------- QSGD oracles
+
+QSGD_CASES = [(4, 512), (16, 1000), (1, 64)]  # (levels, bucket): 4-bit packed, int8, binary
+
+
+def qsgd_input():
+    """A vector with a zero bucket (norm 0) and scattered exact zeros, 5000 elements."""
+    x = np.random.default_rng(11).standard_normal(5000).astype(np.float32)
+    x[1000:1064] = 0.0
+    x[::97] = 0.0
+    return x
+
+
+def qsgd_levels(x, levels, bucket, norms):
+    """Return each element's grid step ``norm / levels`` and ``r = |x| levels / norm``."""
+    step = np.repeat(norms.astype(np.float64) / levels, bucket)[: x.size]
+    r = np.divide(np.abs(x.astype(np.float64)), step, out=np.zeros(x.size), where=step > 0)
+    return step, r
+
+
+def assert_on_qsgd_grid(x, y, levels, bucket, norms):
+    """Assert ``y`` is QSGD's decode of ``x``: ``sign(x) k norm / levels``, k a neighbour of r.
+
+    Each bucket's norm is the float32 l2 norm of its elements; each element decodes to
+    ``k * norm / levels`` (rounded to float32) with ``|k| <= levels``, ``k`` of the sign of x
+    (or 0) and ``|k|`` one of the two grid points around ``r = |x| levels / norm``.
+    """
+    bucket_norms = [np.linalg.norm(x[i:i + bucket].astype(np.float64))
+                    for i in range(0, x.size, bucket)]
+    np.testing.assert_allclose(norms, bucket_norms, rtol=2e-7)
+    step, r = qsgd_levels(x, levels, bucket, norms)
+    k = np.rint(np.divide(y, step, out=np.zeros(x.size), where=step > 0)).astype(np.int64)
+    np.testing.assert_array_equal(y, (k * step).astype(np.float32))
+    assert np.abs(k).max() <= levels
+    assert np.all((k == 0) | (np.sign(k) == np.sign(x)))
+    lower = np.minimum(np.floor(r), levels)
+    assert np.all((np.abs(k) == lower) | (np.abs(k) == lower + 1))
+    assert np.all(y[step == 0] == 0)
+
+
+@pytest.mark.parametrize("levels,bucket", QSGD_CASES)
+def test_qsgd_decodes_are_on_the_grid_unbiased_with_the_stated_variance(levels, bucket):
+    x = qsgd_input()
+    samples = 400
+    decodes = np.empty((samples, x.size), np.float64)
+    for seed in range(samples):
+        c = qsgd(levels=levels, bucket=bucket, seed=seed)
+        payload, _ = c.compress(x, c.init(x))
+        y = decompress(c, payload)
+        assert_on_qsgd_grid(x, y, levels, bucket, payload.norms)
+        decodes[seed] = y
+    step, r = qsgd_levels(x, levels, bucket, payload.norms)
+    p = r - np.floor(r)  # the probability of rounding up
+    # Unbiased: each decode lies in an interval of width `step` around x, so by Hoeffding and
+    # a union bound over the elements, |mean - x| > t has probability below 1e-6 in all.
+    t = step * np.sqrt(np.log(2 * x.size / 1e-6) / (2 * samples))
+    # Decodes are float32 roundings of k * step: at most 2^-24 levels * step off.
+    bias = np.abs(decodes.mean(axis=0) - x)
+    assert np.all(bias <= t + 2.0**-24 * levels * step), np.max(bias - t)
+    # The variance: per element step^2 p (1 - p); its sum is within QSGD's bound
+    # min(b/s^2, sqrt(b)/s) |x|^2, and the measured squared error matches it to 6 sigma of
+    # its spread (a sum of samples * d independent terms).
+    err2 = ((decodes - x) ** 2).sum(axis=1)
+    var = float((step**2 * p * (1 - p)).sum())
+    spread = np.sqrt((step**4 * p * (1 - p) * (1 - 2 * p) ** 2).sum() / samples)
+    assert abs(err2.mean() - var) <= 6 * spread, (err2.mean(), var, spread)
+    sq = np.add.reduceat(x.astype(np.float64) ** 2, np.arange(0, x.size, bucket))
+    bound = float((np.minimum(bucket / levels**2, np.sqrt(bucket) / levels) * sq).sum())
+    assert var <= bound and err2.mean() <= bound, (var, err2.mean(), bound)
 
 
 def test_qsgd_state_advances_the_stream():
