@@ -20,7 +20,8 @@ stacked, voted) is allocated once; the step allocates nothing of model size.
 
 Adversaries (experiments only, off by default): ``algorithm.adversaries`` workers send the
 negation of their signs (``invert``) or the signs of Gaussian noise (``random``) instead of
-their honest signs. The vote tolerates fewer than ``n/2`` of them.
+their honest signs. The noise comes from the adversary's own stream, seeded by the run seed and
+its rank, ``d`` standard normals per vote. The vote tolerates fewer than ``n/2`` of them.
 
 ``ef_signsgd`` is the compressed baseline: ``p = lr g + e``, ``delta = (|p|_1/d) sign(p)``,
 ``e = p - delta``; the packed signs and the scales are allgathered and every worker applies
@@ -43,6 +44,7 @@ from mpiopt.errors import ConfigError
 VOTES = ("sharded", "allgather", "server")
 ADVERSARIES = ("invert", "random")
 SEGMENT_BYTES = 1 << 20  # the pipelined variant of ``bench comm --algorithm signum``
+ADVERSARY_STREAM = 2  # the random adversary's stream: default_rng([seed, 2, rank])
 
 
 class _Segment:
@@ -191,6 +193,35 @@ def adversary_ranks(spec, n: int) -> tuple[int, ...]:
     return tuple(sorted(spec))
 
 
+def adversary_stream(seed: int, rank: int) -> np.random.Generator:
+    """Return the noise stream of a ``random`` adversary on ``rank``.
+
+    Its own stream (the Context's are ``[seed, 0]`` and ``[seed, 1, rank]``), so the noise
+    neither depends on nor shifts the rank's minibatch draws.
+    """
+    return np.random.default_rng([seed, ADVERSARY_STREAM, rank])
+
+
+def make_tamper(kind: str, xp, rng: np.random.Generator | None = None):
+    """Return an adversary's ``(packed, v, scratch) -> None`` rewrite of its packed signs.
+
+    ``invert`` negates every sign. ``random`` packs the signs of the next standard normals of
+    ``rng``, one per parameter, in order: a vote of ``d`` parameters takes the next ``d``
+    draws, however it is segmented, and never looks at ``v``.
+    """
+    if kind == "invert":
+        def tamper(packed, v, scratch):
+            xp.invert(packed, out=packed)
+    else:
+        def tamper(packed, v, scratch):
+            if xp is np:
+                rng.standard_normal(out=scratch, dtype=np.float32)
+            else:
+                scratch[...] = xp.asarray(rng.standard_normal(scratch.size, np.float32))
+            kernels.pack_signs(scratch, out=packed)
+    return tamper
+
+
 class _SignBase(SynchronousAlgorithm):
     """Buffers, the non-finite policy and the adversaries shared by the sign methods."""
 
@@ -222,20 +253,11 @@ class _SignBase(SynchronousAlgorithm):
 
     def _tamper(self):
         """Return this rank's sign manipulation, or None for an honest worker."""
-        if self.ctx.rank not in self.adversaries:
+        ctx = self.ctx
+        if ctx.rank not in self.adversaries:
             return None
-        xp, rng = self.ctx.xp, self.ctx.rng
-        if self.cfg.adversary == "invert":
-            def tamper(packed, v, scratch):
-                xp.invert(packed, out=packed)
-        else:
-            def tamper(packed, v, scratch):
-                if xp is np:
-                    rng.standard_normal(out=scratch, dtype=np.float32)
-                else:
-                    scratch[...] = xp.asarray(rng.standard_normal(scratch.size, np.float32))
-                kernels.pack_signs(scratch, out=packed)
-        return tamper
+        rng = adversary_stream(ctx.cfg.run.seed, ctx.rank)
+        return make_tamper(self.cfg.adversary, ctx.xp, rng)
 
     def summary_info(self) -> dict:
         return {"adversaries": list(self.adversaries),
