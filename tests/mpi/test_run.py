@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 import yaml
-from conftest import CONFIGS, launch, mpiopt_cmd
+from conftest import CONFIGS, launch, mpiopt_cmd, run_check_script
 
 pytestmark = pytest.mark.mpi
 
@@ -185,6 +185,17 @@ def test_d_psgd_gossips_with_neighbours(tmp_path, n, topology):
     with h5py.File(tmp_path / "d" / "metrics.h5", "r") as f:
         dist = f["eval"]["consensus_distance"][()]
     assert np.all(np.isfinite(dist)) and summary["final"]["accuracy"] > 0.6
+
+
+@pytest.mark.parametrize("n, topologies", [
+    (3, ["ring", "[[0, 1], [1, 2]]"]),
+    (4, ["torus", "hypercube", "[[0, 1], [0, 2], [0, 3], [1, 2]]"]),
+    (5, ["random_regular:2", "complete", "[[0, 1], [1, 2], [1, 3], [3, 4]]"]),
+])
+def test_d_psgd_with_lr_zero_mixes_by_the_matrix(n, topologies):
+    # Edge lists give irregular graphs, whose Metropolis-Hastings weights differ by edge.
+    run_check_script(n, "check_d_psgd.py", f"d_psgd checks passed on {n} ranks",
+                     args=topologies)
 
 
 def test_topology_that_does_not_fit_the_world(tmp_path):
