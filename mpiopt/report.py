@@ -3,9 +3,14 @@
 A run directory is what ``mpiopt run`` writes: ``summary.json``, ``metrics.h5`` and
 ``config.yaml``. :func:`load_run` reads one into a :class:`Run`; :func:`make_report` compares
 several and writes ``loss.png``, ``accuracy.png`` (test metrics against steps, wall time and MB
-sent per rank), ``training_loss.png`` (the smoothed minibatch loss, mean over ranks) and
-``report.md`` (one table row per run). Runs are labelled by algorithm and by the configuration
-keys whose values differ between the compared runs. MB means 10**6 bytes throughout.
+sent per rank, the mean over ranks), ``training_loss.png`` (the smoothed minibatch loss, mean
+over ranks) and ``report.md`` (one table row per run, with the MB each rank sent: min, mean and
+max over ranks). Bytes come from every rank's ``ranks/<r>/bytes_sent``, never rank 0's alone.
+
+Runs being compared are told apart by the configuration keys whose values differ between them.
+Plots show a short label: a letter, the algorithm and those values under their last key
+component, at most ``LABEL_MAX`` characters (values that do not fit become ``…``); the table
+shows the same label and the full differing settings. MB means 10**6 bytes throughout.
 
 matplotlib is imported only when plots are drawn, and only its object-oriented API is used (no
 pyplot), so that importing this module stays cheap and no global figure state is created.
@@ -31,7 +36,10 @@ LABEL_IGNORED = frozenset({
     "algorithm.name", "run.out", "run.overwrite", "run.quiet", "run.progress_every_s",
     "run.metrics_chunk", "run.comm_timeout_s", "run.target_accuracy",
 })
-PANELS = (("step", "step"), ("time", "wall time (s)"), ("bytes_sent", "MB sent per rank"))
+PANELS = (("step", "step"), ("time", "wall time (s)"),
+          ("bytes_sent", "MB sent per rank (mean over ranks)"))
+LABEL_MAX = 60  # characters of a plot label: at least two such fit side by side in 15 inches
+VALUE_MAX = 16  # characters of one value inside a plot label
 
 
 @dataclass
@@ -43,7 +51,9 @@ class Run:
         summary: The parsed ``summary.json``.
         eval: Columns of the ``eval`` group of ``metrics.h5`` by name (empty if none).
         ranks: Per-rank columns of the ``ranks/<r>`` groups: ``ranks[r][name]``.
-        label: The name of the run in plots and tables.
+        label: The short name of the run in plots and tables.
+        settings: The full settings that set the run apart from the others it is compared
+            with (``""`` when none do).
     """
 
     path: str
@@ -51,6 +61,7 @@ class Run:
     eval: dict[str, np.ndarray] = field(default_factory=dict)
     ranks: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
     label: str = ""
+    settings: str = ""
 
     @property
     def algorithm(self) -> str:
@@ -187,34 +198,64 @@ def format_value(value: Any) -> str:
 
 
 def assign_labels(runs: list[Run]) -> None:
-    """Label each run by algorithm and the settings that differ between the runs (in place).
+    """Give each run a short label and its full differing settings (in place).
 
-    A single run keeps ``"<algorithm> <world_size> ranks"``. Otherwise the label is the
-    algorithm, the world size when it differs between runs, and the differing config keys, e.g.
-    ``"signum (algorithm.lr=0.01, data.partition=dirichlet)"``. Labels that would still be equal
-    get the run directory's name appended.
+    A single run is ``"<algorithm> <world_size> ranks"``. Several runs get a letter each (A, B,
+    ..., Z, AA, ...), the algorithm, the world size when it differs between runs, and the values
+    of the differing config keys under their last component, e.g.
+    ``"B: signum (lr=0.01, partition=dirichlet)"``, cut to ``LABEL_MAX`` characters; their
+    ``settings`` spell the keys out: ``"algorithm.lr=0.01, data.partition=dirichlet"``.
     """
     if len(runs) == 1:
         runs[0].label = f"{runs[0].algorithm} {runs[0].world_size} ranks"
+        runs[0].settings = ""
         return
     flats = [flatten(run.summary.get("config") or {}) for run in runs]
     keys = differing_keys(flats)
+    names = short_keys(keys)
     sizes_differ = len({run.world_size for run in runs}) > 1
-    for run, flat in zip(runs, flats, strict=True):
+    for i, (run, flat) in enumerate(zip(runs, flats, strict=True)):
         head = f"{run.algorithm} {run.world_size} ranks" if sizes_differ else run.algorithm
-        parts = [f"{key}={format_value(flat[key])}" for key in keys if key in flat]
-        run.label = f"{head} ({', '.join(parts)})" if parts else head
-    _dedupe_labels(runs)
+        shown = [key for key in keys if key in flat]
+        run.settings = ", ".join(f"{key}={format_value(flat[key])}" for key in shown)
+        parts = [f"{names[key]}={_clip(format_value(flat[key]), VALUE_MAX)}" for key in shown]
+        run.label = short_label(f"{letters(i)}: {head}", parts)
 
 
-def _dedupe_labels(runs: list[Run]) -> None:
-    """Append the directory name, or else the path, to labels shared by several runs."""
-    for use_path in (False, True):
-        labels = [run.label for run in runs]
-        for run in runs:
-            if labels.count(run.label) > 1:
-                name = os.path.basename(os.path.normpath(run.path))
-                run.label = f"{run.label} [{run.path if use_path else name}]"
+def letters(i: int) -> str:
+    """Return the ``i``-th run's letters: A..Z, then AA, AB, ... (spreadsheet columns)."""
+    text = ""
+    i += 1
+    while i:
+        i, rest = divmod(i - 1, 26)
+        text = chr(ord("A") + rest) + text
+    return text
+
+
+def short_keys(keys: list[str]) -> dict[str, str]:
+    """Map each dotted key to its last component, or to itself where that is ambiguous."""
+    last = [key.rsplit(".", 1)[-1] for key in keys]
+    return {key: name if last.count(name) == 1 else key
+            for key, name in zip(keys, last, strict=True)}
+
+
+def short_label(head: str, parts: list[str]) -> str:
+    """Return ``head (part, part, ...)`` in at most LABEL_MAX characters.
+
+    Trailing parts that do not fit are replaced by one ``…``; a head that alone is too long
+    is cut.
+    """
+    for keep in range(len(parts), -1, -1):
+        body = parts[:keep] + (["…"] if keep < len(parts) else [])
+        text = f"{head} ({', '.join(body)})" if body else head
+        if len(text) <= LABEL_MAX:
+            return text
+    return _clip(head, LABEL_MAX)
+
+
+def _clip(text: str, limit: int) -> str:
+    """Cut ``text`` to ``limit`` characters, the last one ``…`` when cut."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 # --------------------------------------------------------------------------- numbers
@@ -285,6 +326,33 @@ def mean_training_loss(run: Run) -> tuple[np.ndarray, np.ndarray]:
     return unique, sums / np.maximum(counts, 1)
 
 
+def rank_bytes_sent(run: Run) -> np.ndarray:
+    """Return the bytes each rank sent over its recorded steps, in rank order.
+
+    Ranks without a ``bytes_sent`` column are left out; no per-rank data gives an empty array.
+    """
+    return np.array([float(np.sum(columns["bytes_sent"], dtype=np.float64))
+                     for columns in run.ranks.values() if "bytes_sent" in columns])
+
+
+def mean_bytes_sent_at(run: Run, steps: np.ndarray) -> np.ndarray | None:
+    """Return the mean over ranks of the bytes each rank sent in its first ``s`` steps.
+
+    One value per ``s`` in ``steps`` (an evaluation's ``step`` counts the steps done before
+    it). A rank that recorded fewer steps contributes all it sent. None without per-rank data.
+    """
+    sent = []
+    for columns in run.ranks.values():
+        if "step" not in columns or "bytes_sent" not in columns:
+            continue
+        order = np.argsort(columns["step"], kind="stable")
+        cumulative = np.concatenate(([0.0], np.cumsum(
+            np.asarray(columns["bytes_sent"], dtype=np.float64)[order])))
+        done = np.searchsorted(np.asarray(columns["step"])[order], steps, side="left")
+        sent.append(cumulative[done])
+    return np.mean(sent, axis=0) if sent else None
+
+
 def moving_average(values: np.ndarray, window: int) -> np.ndarray:
     """Return the trailing moving average of ``values`` over full windows (``len - window + 1``)."""
     values = np.asarray(values, dtype=np.float64)
@@ -308,15 +376,23 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+def _mb_spread(run: Run) -> str:
+    """Return ``min / mean / max`` over ranks of the MB each rank sent (``n/a`` without data)."""
+    sent = rank_bytes_sent(run) / MB
+    if not sent.size:
+        return "n/a"
+    return " / ".join(format(value, ".4g") for value in (sent.min(), sent.mean(), sent.max()))
+
+
 def _row(run: Run, target: float | None) -> list[str]:
     """Return the table cells of one run."""
     s, final = run.summary, run.summary["final"]
     per_step = s.get("bytes_sent_per_rank_per_step")
     cells = [
-        _cell(run.label), run.algorithm, str(run.world_size), str(s["steps"]),
-        _num(final.get("accuracy"), ".4f"), _num(final.get("loss"), ".4f"),
+        _cell(run.label), _cell(run.settings or "-"), run.algorithm, str(run.world_size),
+        str(s["steps"]), _num(final.get("accuracy"), ".4f"), _num(final.get("loss"), ".4f"),
         _num(s["wall_time_s"], ".2f"),
-        _num(per_step / MB if _is_number(per_step) else None, ".4g"),
+        _num(per_step / MB if _is_number(per_step) else None, ".4g"), _mb_spread(run),
         _num(s.get("compute_s"), ".2f"), _num(s.get("comm_s"), ".2f"),
     ]
     if target is not None:
@@ -326,8 +402,9 @@ def _row(run: Run, target: float | None) -> list[str]:
 
 def format_table(runs: list[Run], target: float | None = None) -> str:
     """Return the markdown table comparing ``runs`` (one row each)."""
-    header = ["run", "algorithm", "ranks", "steps", "final test accuracy", "final test loss",
-              "wall time (s)", "MB sent / rank / step", "compute (s)", "comm (s)"]
+    header = ["run", "settings", "algorithm", "ranks", "steps", "final test accuracy",
+              "final test loss", "wall time (s)", "MB sent / rank / step",
+              "MB sent / rank (min / mean / max)", "compute (s)", "comm (s)"]
     if target is not None:
         header += [f"time to accuracy {target:g} (s)", f"step at accuracy {target:g}"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -338,9 +415,12 @@ def format_table(runs: list[Run], target: float | None = None) -> str:
 def write_markdown(runs: list[Run], out_dir: str, target: float | None) -> str:
     """Write ``report.md`` (table, run paths, plots) into ``out_dir``; return its path."""
     parts = ["# mpiopt report", "", format_table(runs, target),
-             "MB = 10^6 bytes; compute and comm are seconds per rank (mean over ranks).", "",
-             "## Runs", ""]
-    parts += [f"- {_cell(run.label)}: `{run.path}`" for run in runs]
+             "MB = 10^6 bytes. MB sent / rank / step is the mean over ranks; min / mean / max "
+             "are over ranks of the MB each sent in its steps. compute and comm are seconds "
+             "per rank (mean over ranks). settings: the configuration keys whose values differ "
+             "between the runs.", "", "## Runs", ""]
+    parts += [f"- {_cell(run.label)}: {_cell(run.settings or 'no differing settings')}; "
+              f"`{run.path}`" for run in runs]
     parts += ["", "## Plots", "", "![test loss](loss.png)", "", "![test accuracy](accuracy.png)",
               "", "![training loss](training_loss.png)", ""]
     path = os.path.join(out_dir, "report.md")
@@ -361,20 +441,32 @@ def _colour(i: int, n: int) -> Any:
     return matplotlib.colormaps["turbo"](i / (n - 1))
 
 
-def _x_values(source: dict, xkey: str) -> Any:
-    """Return the x values of panel ``xkey`` from eval columns (bytes converted to MB)."""
-    x = np.asarray(source[xkey], dtype=np.float64)
-    return x / MB if xkey == "bytes_sent" else x
+def _x_values(run: Run, xkey: str) -> np.ndarray | None:
+    """Return the x values of the evaluations on panel ``xkey`` (None: cannot be placed).
+
+    Bytes are the mean over ranks of what each had sent by the evaluation's step, in MB: the
+    eval group's own ``bytes_sent`` is rank 0's alone.
+    """
+    ev = run.eval
+    if xkey != "bytes_sent":
+        return np.asarray(ev[xkey], dtype=np.float64) if xkey in ev else None
+    if "step" not in ev:
+        return None
+    sent = mean_bytes_sent_at(run, np.asarray(ev["step"]))
+    return None if sent is None else sent / MB
 
 
 def _final_point(run: Run, xkey: str) -> float | None:
-    """Return the x position of the final model on panel ``xkey`` from the summary."""
+    """Return the x position of the final model on panel ``xkey``."""
     s = run.summary
     if xkey == "step":
         return float(s["steps"])
     if xkey == "time":
         return float(s["wall_time_s"]) if _is_number(s["wall_time_s"]) else None
-    per_step = s.get("bytes_sent_per_rank_per_step")
+    sent = rank_bytes_sent(run)
+    if sent.size:
+        return float(sent.mean()) / MB
+    per_step = s.get("bytes_sent_per_rank_per_step")  # already a mean over ranks
     return per_step * s["steps"] / MB if _is_number(per_step) else None
 
 
@@ -389,9 +481,9 @@ def _draw_run(ax: Any, run: Run, metric: str, xkey: str, colour: Any) -> bool:
         if x is not None and _is_number(value):
             ax.plot([x], [value], color=colour, marker="o", linestyle="none", label=run.label)
         return False
-    if xkey not in ev:
+    x = _x_values(run, xkey)
+    if x is None:
         return False
-    x = _x_values(ev, xkey)
     marker = "o" if len(x) == 1 else None
     ax.plot(x, y, color=colour, marker=marker, label=run.label)
     avg = ev.get(f"avg_{metric}")
@@ -400,7 +492,7 @@ def _draw_run(ax: Any, run: Run, metric: str, xkey: str, colour: Any) -> bool:
     return avg is not None
 
 
-def _legend(fig: Any, ax: Any, dashed: bool, ncols: int = 2) -> None:
+def _legend(fig: Any, ax: Any, dashed: bool) -> None:
     """Put one legend for all panels below them, noting dashed averages when drawn."""
     from matplotlib.lines import Line2D
 
@@ -409,12 +501,23 @@ def _legend(fig: Any, ax: Any, dashed: bool, ncols: int = 2) -> None:
         handles.append(Line2D([], [], color="grey", linestyle="--"))
         labels.append("dashed: averaged model")
     if handles:
-        fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), ncols),
-                   fontsize="small")
+        fig.legend(handles, labels, loc="outside lower center",
+                   ncols=legend_columns(fig.get_figwidth(), labels), fontsize="small")
 
 
-def plot_metric(runs: list[Run], metric: str, path: str) -> str:
-    """Plot eval ``metric`` of all runs against steps, wall time and MB sent; return ``path``."""
+def legend_columns(width_in: float, labels: list[str]) -> int:
+    """Return how many columns of ``labels`` fit side by side in ``width_in`` inches.
+
+    A legend wider than the figure is cut on both sides. The estimate, 13 characters of the
+    small legend font per inch and 8 characters' worth for the line sample and the gaps, keeps
+    even labels of LABEL_MAX ``W`` (the widest glyph of the default font) inside the figures.
+    """
+    longest = max(len(label) for label in labels)
+    return max(1, min(len(labels), int(width_in * 13 // (longest + 8))))
+
+
+def metric_figure(runs: list[Run], metric: str) -> Any:
+    """Return the figure of eval ``metric`` of all runs against steps, wall time and MB sent."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(15, 5), layout="constrained")
@@ -429,12 +532,11 @@ def plot_metric(runs: list[Run], metric: str, path: str) -> str:
         ax.grid(alpha=0.3)
     fig.suptitle(f"test {metric}")
     _legend(fig, axes[0], dashed)
-    fig.savefig(path, dpi=100)
-    return path
+    return fig
 
 
-def plot_training_loss(runs: list[Run], path: str) -> str:
-    """Plot the smoothed minibatch loss, mean over ranks, of all runs against steps."""
+def training_loss_figure(runs: list[Run]) -> Any:
+    """Return the figure of the smoothed minibatch loss, mean over ranks, against steps."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(8, 5.5), layout="constrained")
@@ -452,7 +554,12 @@ def plot_training_loss(runs: list[Run], path: str) -> str:
     ax.set_ylabel("minibatch loss (mean over ranks)")
     ax.grid(alpha=0.3)
     ax.set_title("training loss (faint: raw; solid: moving average over ~2% of steps)")
-    _legend(fig, ax, False, ncols=1)
+    _legend(fig, ax, False)
+    return fig
+
+
+def _save(fig: Any, path: str) -> str:
+    """Write ``fig`` as a PNG at 100 dpi; return ``path``."""
     fig.savefig(path, dpi=100)
     return path
 
@@ -508,8 +615,8 @@ def make_report(run_dirs: list[str], out_dir: str, target: float | None = None) 
 
     matplotlib.use("Agg")
     return [
-        plot_metric(runs, "loss", os.path.join(out_dir, "loss.png")),
-        plot_metric(runs, "accuracy", os.path.join(out_dir, "accuracy.png")),
-        plot_training_loss(runs, os.path.join(out_dir, "training_loss.png")),
+        _save(metric_figure(runs, "loss"), os.path.join(out_dir, "loss.png")),
+        _save(metric_figure(runs, "accuracy"), os.path.join(out_dir, "accuracy.png")),
+        _save(training_loss_figure(runs), os.path.join(out_dir, "training_loss.png")),
         write_markdown(runs, out_dir, target),
     ]

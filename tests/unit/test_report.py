@@ -11,11 +11,16 @@ import yaml
 
 from mpiopt.errors import ConfigError
 from mpiopt.report import (
+    LABEL_MAX,
     assign_labels,
     load_run,
     make_report,
+    mean_bytes_sent_at,
     mean_training_loss,
+    metric_figure,
     moving_average,
+    rank_bytes_sent,
+    training_loss_figure,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -39,8 +44,12 @@ def config_with(**changes):
 
 def write_run(path, config, world_size=2, steps=40, evals=None, wall=12.5, final=None,
               bytes_per_step=25000.0, compute=8.25, comm=3.5, time_to_target=None,
-              rank_steps=None):
-    """Write a run directory exactly as ``mpiopt run`` does; return the summary."""
+              rank_steps=None, rank_bytes=None):
+    """Write a run directory exactly as ``mpiopt run`` does; return the summary.
+
+    Rank r records ``rank_steps[r]`` steps (default ``steps``) of ``rank_bytes[r]`` bytes
+    sent each (default ``bytes_per_step``, the summary's mean per rank per step).
+    """
     os.makedirs(path)
     algorithm = config["algorithm"]["name"]
     final = final or {"loss": 0.4321, "accuracy": 0.8765}
@@ -64,7 +73,8 @@ def write_run(path, config, world_size=2, steps=40, evals=None, wall=12.5, final
                         config=yaml.safe_dump(config))
         for r in range(world_size):
             n = steps if rank_steps is None else rank_steps[r]
-            write_rank(h5.create_group(f"ranks/{r}"), n, r, bytes_per_step)
+            sent = bytes_per_step if rank_bytes is None else rank_bytes[r]
+            write_rank(h5.create_group(f"ranks/{r}"), n, r, sent)
         group = h5.create_group("eval")
         for name, values in (evals or {}).items():
             dtype = np.int64 if name == "step" else np.float64
@@ -85,8 +95,9 @@ def write_rank(group, n, rank, bytes_per_step):
     group.create_dataset("comm_s", data=np.full(n, 0.08))
 
 
+# The eval group's bytes_sent is rank 0's cumulative count (run a: 20000 bytes a step).
 EVALS_A = {"step": [0, 10, 20, 30, 40], "time": [0.0, 3.1, 6.2, 9.3, 12.4],
-           "bytes_sent": [0.0, 2.5e5, 5e5, 7.5e5, 1e6], "loss": [2.3, 1.2, 0.8, 0.6, 0.5],
+           "bytes_sent": [0.0, 2e5, 4e5, 6e5, 8e5], "loss": [2.3, 1.2, 0.8, 0.6, 0.5],
            "accuracy": [0.1, 0.55, 0.71, 0.83, 0.86]}
 EVALS_B = {**EVALS_A, "accuracy": [0.1, 0.4, 0.5, 0.6, 0.65],
            "avg_accuracy": [0.1, 0.45, 0.55, 0.66, 0.7], "avg_loss": [2.3, 1.3, 1.0, 0.9, 0.8],
@@ -109,10 +120,14 @@ def is_png(path):
 
 @pytest.fixture(scope="module")
 def three_runs(tmp_path_factory):
-    """Three runs differing in lr, partition and algorithm; the third has no evaluations."""
+    """Three runs differing in lr, partition and algorithm; the third has no evaluations.
+
+    Ranks send different amounts: a's 20000 and 30000 bytes a step, b's ranks record 40 and
+    25 steps, c's send 10000, 20000, 30000 and 40000 bytes a step.
+    """
     root = tmp_path_factory.mktemp("runs")
     a = write_run(str(root / "a"), config_with(algorithm__lr=0.01, run__out="runs/a"),
-                  evals=EVALS_A)
+                  evals=EVALS_A, rank_bytes=[20000, 30000])
     b = write_run(str(root / "b"), config_with(data__partition="dirichlet", run__out="runs/b"),
                   evals=EVALS_B, wall=20.75, final={"loss": 0.81234, "accuracy": 0.70004},
                   bytes_per_step=1234.5, compute=15.125, comm=4.0,
@@ -121,7 +136,8 @@ def three_runs(tmp_path_factory):
     cfg_c["algorithm"] = {"name": "allreduce", "lr": 0.001}
     c = write_run(str(root / "c"), cfg_c, world_size=4, steps=30, wall=7.0,
                   final={"loss": 0.3, "accuracy": 0.91},
-                  time_to_target={"accuracy": 0.85, "step": 20, "time_s": 4.5})
+                  time_to_target={"accuracy": 0.85, "step": 20, "time_s": 4.5},
+                  rank_bytes=[10000, 20000, 30000, 40000])
     paths = [str(root / name) for name in "abc"]
     return paths, (a, b, c)
 
@@ -215,17 +231,19 @@ def test_bad_target_and_no_runs_are_config_errors(three_runs, tmp_path):
 def test_labels_name_only_the_differing_keys(three_runs):
     runs = [load_run(p) for p in three_runs[0]]
     assign_labels(runs)
-    a, b, c = (run.label for run in runs)
     # lr differs (0.01, 0.001, 0.001) and partition differs; momentum exists only in signum,
     # the algorithm names and run.out differ but are not settings of the computation.
     # World sizes differ (2, 2, 4), so every label names its ranks.
-    assert a == "signum 2 ranks (algorithm.lr=0.01, data.partition=iid)"
-    assert b == "signum 2 ranks (algorithm.lr=0.001, data.partition=dirichlet)"
-    assert c == "allreduce 4 ranks (algorithm.lr=0.001, data.partition=iid)"
-    for label in (a, b, c):
-        for equal in ("problem", "batch_size", "momentum", "run.out", "run.steps", "seed",
-                      "algorithm.name"):
-            assert equal not in label
+    assert [run.label for run in runs] == [
+        "A: signum 2 ranks (lr=0.01, partition=iid)",
+        "B: signum 2 ranks (lr=0.001, partition=dirichlet)",
+        "C: allreduce 4 ranks (lr=0.001, partition=iid)"]
+    assert [run.settings for run in runs] == [
+        "algorithm.lr=0.01, data.partition=iid", "algorithm.lr=0.001, data.partition=dirichlet",
+        "algorithm.lr=0.001, data.partition=iid"]
+    for run in runs:
+        for equal in ("problem", "batch_size", "momentum", "out", "steps", "seed", "name"):
+            assert equal not in run.label and equal not in run.settings
 
 
 def test_label_format_of_two_runs(tmp_path):
@@ -234,14 +252,14 @@ def test_label_format_of_two_runs(tmp_path):
     write_run(paths[1], config_with())
     runs = [load_run(p) for p in paths]
     assign_labels(runs)
-    assert runs[0].label == "signum (algorithm.lr=0.01, data.partition=dirichlet)"
-    assert runs[1].label == "signum (algorithm.lr=0.001, data.partition=iid)"
+    assert runs[0].label == "A: signum (lr=0.01, partition=dirichlet)"
+    assert runs[1].label == "B: signum (lr=0.001, partition=iid)"
 
 
 def test_single_run_label_is_algorithm_and_ranks(tmp_path, three_runs):
     runs = [load_run(three_runs[0][2])]
     assign_labels(runs)
-    assert runs[0].label == "allreduce 4 ranks"
+    assert runs[0].label == "allreduce 4 ranks" and runs[0].settings == ""
 
 
 def test_identical_configs_get_distinct_labels(tmp_path):
@@ -250,7 +268,53 @@ def test_identical_configs_get_distinct_labels(tmp_path):
         write_run(path, config_with(), evals=EVALS_A)
     runs = [load_run(p) for p in paths]
     assign_labels(runs)
-    assert [run.label for run in runs] == ["signum [first]", "signum [second]"]
+    assert [(run.label, run.settings) for run in runs] == [("A: signum", ""), ("B: signum", "")]
+
+
+def many_settings(tmp_path, count):
+    """Write ``count`` runs differing in six keys with long values; return their paths."""
+    paths = []
+    for i in range(count):
+        config = config_with(algorithm__lr=0.001 * (i + 1), algorithm__momentum=0.5 + i / 100,
+                             data__partition=f"dirichlet-with-a-long-name-{i}",
+                             data__batch_size=32 + i, problem__l2=1e-4 * (i + 1),
+                             run__seed=1000 + i)
+        config["problem"]["hidden"] = [64 + i, 32]  # same last component as nothing else
+        paths.append(str(tmp_path / f"run{i}"))
+        write_run(paths[-1], config, evals=EVALS_A)
+    return paths
+
+
+def test_long_labels_are_capped_and_the_settings_kept_in_full(tmp_path):
+    runs = [load_run(p) for p in many_settings(tmp_path, 28)]
+    assign_labels(runs)
+    tags = [chr(ord("A") + i) for i in range(26)] + ["AA", "AB"]
+    for i, (tag, run) in enumerate(zip(tags, runs)):
+        # Keys in sorted order; what does not fit in LABEL_MAX characters becomes one "…".
+        assert run.label == (f"{tag}: signum (lr={0.001 * (i + 1):g}, momentum="
+                             f"{0.5 + i / 100:g}, batch_size={32 + i}, …)")
+        assert len(run.label) <= LABEL_MAX
+        assert run.settings == (
+            f"algorithm.lr={0.001 * (i + 1):g}, algorithm.momentum={0.5 + i / 100:g}, "
+            f"data.batch_size={32 + i}, data.partition=dirichlet-with-a-long-name-{i}, "
+            f"problem.hidden=[{64 + i}, 32], problem.l2={1e-4 * (i + 1):g}, "
+            f"run.seed={1000 + i}")
+
+
+def test_long_values_are_cut_in_labels_and_ambiguous_keys_kept_whole(tmp_path):
+    paths = [str(tmp_path / "x"), str(tmp_path / "y")]
+    write_run(paths[0], config_with(algorithm__lr=0.01, problem__lr=0.5,
+                                    data__partition="dirichlet-with-a-long-name"))
+    write_run(paths[1], config_with(problem__lr=0.25))
+    runs = [load_run(p) for p in paths]
+    assign_labels(runs)
+    # Values are cut to 16 characters; two keys ending in "lr" keep their sections; the
+    # first label is exactly LABEL_MAX = 60 characters long, the second would be 62.
+    assert runs[0].label == "A: signum (algorithm.lr=0.01, partition=dirichlet-with-…, …)"
+    assert runs[1].label == "B: signum (algorithm.lr=0.001, partition=iid, …)"
+    assert runs[0].settings == ("algorithm.lr=0.01, data.partition=dirichlet-with-a-long-name, "
+                                "problem.lr=0.5")
+    assert runs[1].settings == "algorithm.lr=0.001, data.partition=iid, problem.lr=0.25"
 
 
 # --------------------------------------------------------------------------- table
@@ -261,7 +325,7 @@ def test_report_table_has_a_row_per_run_with_its_numbers(report, three_runs):
     rows = table_rows(markdown)
     assert len(rows) == 3
     for summary in three_runs[1]:
-        label = next(k for k in rows if k.startswith(summary["algorithm"])
+        label = next(k for k in rows if summary["algorithm"] in k
                      and rows[k]["wall time (s)"] == f"{summary['wall_time_s']:.2f}")
         row = rows[label]
         assert row["algorithm"] == summary["algorithm"]
@@ -275,6 +339,19 @@ def test_report_table_has_a_row_per_run_with_its_numbers(report, three_runs):
         assert row["comm (s)"] == f"{summary['comm_s']:.2f}"
 
 
+def test_report_table_bytes_come_from_every_rank(report, three_runs):
+    rows = table_rows(report[2])
+    for path, (label, row) in zip(three_runs[0], rows.items(), strict=True):
+        with h5py.File(os.path.join(path, "metrics.h5")) as h5:
+            sent = [h5[f"ranks/{r}/bytes_sent"][()].sum() / 1e6 for r in h5["ranks"]]
+        spread = " / ".join(f"{v:.4g}" for v in (min(sent), np.mean(sent), max(sent)))
+        assert row["MB sent / rank (min / mean / max)"] == spread, label
+    # a: 40 steps of 20000 and 30000 bytes; b: 40 and 25 steps of 1234 bytes; c: 30 steps of
+    # 10000, 20000, 30000 and 40000 bytes.
+    assert [row["MB sent / rank (min / mean / max)"] for row in rows.values()] == \
+        ["0.8 / 1 / 1.2", "0.03085 / 0.04011 / 0.04936", "0.3 / 0.75 / 1.2"]
+
+
 def test_report_table_values_spelled_out(report):
     rows = table_rows(report[2])
     b = next(row for label, row in rows.items() if "dirichlet" in label)
@@ -282,6 +359,20 @@ def test_report_table_values_spelled_out(report):
         ("0.7000", "0.8123", "20.75")
     assert (b["MB sent / rank / step"], b["compute (s)"], b["comm (s)"]) == \
         ("0.001234", "15.12", "4.00")
+
+
+def test_report_shows_short_labels_with_their_full_settings(report, three_runs):
+    markdown = report[2]
+    rows = table_rows(markdown)
+    assert [(label, row["settings"]) for label, row in rows.items()] == [
+        ("A: signum 2 ranks (lr=0.01, partition=iid)", "algorithm.lr=0.01, data.partition=iid"),
+        ("B: signum 2 ranks (lr=0.001, partition=dirichlet)",
+         "algorithm.lr=0.001, data.partition=dirichlet"),
+        ("C: allreduce 4 ranks (lr=0.001, partition=iid)",
+         "algorithm.lr=0.001, data.partition=iid")]
+    # The legend key: each short label with its full settings and run directory.
+    for (label, row), path in zip(rows.items(), three_runs[0], strict=True):
+        assert f"- {label}: {row['settings']}; `{path}`" in markdown.splitlines()
 
 
 def test_target_column_reached_and_not_reached(report):
@@ -331,6 +422,64 @@ def test_report_writes_valid_pngs(report):
         assert height > 200 and width > 200
     loss = matplotlib.image.imread(written[0])
     assert loss.shape[1] > 2 * loss.shape[0]  # three panels side by side
+
+
+def labelled_runs(paths):
+    """Load and label the runs at ``paths``."""
+    runs = [load_run(p) for p in paths]
+    assign_labels(runs)
+    return runs
+
+
+def test_bytes_panel_is_the_mean_over_ranks(three_runs):
+    runs = labelled_runs(three_runs[0])
+    fig = metric_figure(runs, "loss")
+    ax = fig.axes[2]
+    assert ax.get_xlabel() == "MB sent per rank (mean over ranks)"
+    lines = {run.label: [line for line in ax.lines if line.get_label() == run.label]
+             for run in runs}
+    a, b, c = (lines[run.label] for run in runs)
+    # a: ranks send 20000 and 30000 bytes a step, so 25000 on average (rank 0's eval
+    # bytes_sent would give 20000).
+    np.testing.assert_allclose(a[0].get_xdata(), np.array(EVALS_A["step"]) * 25000 / 1e6)
+    np.testing.assert_allclose(a[0].get_ydata(), EVALS_A["loss"])
+    # b: rank 1 recorded 25 steps only, and keeps what it sent after its last one.
+    steps = np.array(EVALS_B["step"])
+    np.testing.assert_allclose(b[0].get_xdata(), 1234 * (steps + np.minimum(steps, 25)) / 2e6)
+    # c has no evaluations: one marker at its final model, the mean of 0.3 ... 1.2 MB.
+    assert (list(c[0].get_xdata()), list(c[0].get_ydata())) == ([0.75], [0.3])
+
+
+def test_mean_bytes_sent_at_steps(three_runs):
+    run = load_run(three_runs[0][1])  # 1234 bytes a step; rank 0: 40 steps, rank 1: 25
+    np.testing.assert_allclose(mean_bytes_sent_at(run, np.array([0, 1, 25, 30, 40, 99])),
+                               [0, 1234, 25 * 1234, 27.5 * 1234, 32.5 * 1234, 32.5 * 1234])
+    np.testing.assert_array_equal(rank_bytes_sent(run), [40 * 1234, 25 * 1234])
+    run.ranks = {}
+    assert mean_bytes_sent_at(run, np.array([1])) is None and rank_bytes_sent(run).size == 0
+
+
+def test_legends_fit_inside_the_figures(tmp_path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    # The widest glyph in labels as long as they get: the worst case of the column estimate.
+    paths = []
+    for i in range(12):
+        config = config_with(algorithm__lr=0.001 * (i + 1), data__partition="W" * 30)
+        config["algorithm"]["name"] = "W" * 53
+        paths.append(str(tmp_path / f"run{i}"))
+        write_run(paths[-1], config, evals=EVALS_A)
+    runs = labelled_runs(paths)
+    assert all(len(run.label) >= LABEL_MAX - 1 for run in runs), [run.label for run in runs]
+    for fig in (metric_figure(runs, "loss"), training_loss_figure(runs)):
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        (legend,) = fig.legends
+        box, frame = legend.get_window_extent(canvas.get_renderer()), fig.bbox
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1, (box, frame)
+        assert frame.y0 <= box.y0 and box.y1 <= frame.y1, (box, frame)
+        assert [text.get_text() for text in legend.get_texts()][:len(runs)] == \
+            [run.label for run in runs]
 
 
 def test_mean_training_loss_over_unequal_ranks(three_runs):
