@@ -29,7 +29,8 @@ setup(
         "mpi4py>=4.0",
         "mpich>=4.2",
         "PyYAML>=6.0",
-        "scikit-learn>=1.3",
+        "scikit-learn>=1.3",  # its digits file (not imported)
+        "threadpoolctl>=3.1",  # BLAS threads per rank
         "matplotlib>=3.7",
         "networkx>=3.0",
     ],

@@ -88,5 +88,5 @@ class FaultInjector:
 
     def corrupt(self, step: int, grad) -> None:
         """Turn ``grad`` into NaN if a ``nan`` fault is due at ``step``."""
-        if any(f.kind == "nan" and f.step == step for f in self.faults):
+        if self.faults and any(f.kind == "nan" and f.step == step for f in self.faults):
             grad[...] = float("nan")

@@ -104,17 +104,20 @@ def build_problem(transport: Transport, cfg: Config):
 
 
 def share_cores(transport: Transport) -> int:
-    """Give each rank an equal share of its node's cores for the numba kernels.
+    """Give each rank an equal share of its node's cores for numba and BLAS threads.
 
-    Without this every rank starts one kernel thread per core, and ranks sharing a node
-    oversubscribe it many times over (spinning thread pools make that ruinous). Returns the
-    thread count chosen; numba itself is loaded only if a kernel runs.
+    Without this every rank starts one kernel thread and one BLAS thread per core, and ranks
+    sharing a node oversubscribe it many times over (spinning thread pools make that
+    ruinous). Returns the thread count chosen; numba itself is loaded only if a kernel runs.
     """
     node = transport.split_shared()
     share = max(1, (os.cpu_count() or 1) // node.size)
     node.free()
     threads = min(share, kernels.thread_limit())
     kernels.set_num_threads(threads)
+    from threadpoolctl import threadpool_limits  # 5 ms; numpy's BLAS pool
+
+    threadpool_limits(limits=share, user_api="blas")
     return threads
 
 

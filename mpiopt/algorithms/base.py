@@ -131,8 +131,17 @@ class Context:
         """Return seconds since the run started."""
         return time.perf_counter() - self.start
 
-    def restart_clock(self) -> None:
-        """Start the run's clock now: setup (allocation, kernel loading) is not run time."""
+    def restart_clock(self, barrier: bool = True) -> None:
+        """Start the run's clock now: setup (allocation, kernel loading) is not run time.
+
+        With ``barrier`` every rank starts it together, once all are set up: a rank that
+        finished its setup first would otherwise count the others' setup as its first step.
+        """
+        import gc
+        gc.collect()
+        gc.freeze()
+        if barrier:
+            self.transport.barrier()
         self.start = time.perf_counter()
 
     def out_of_time(self) -> bool:
@@ -217,12 +226,14 @@ class SynchronousAlgorithm(Algorithm):
         return loss
 
     def warm_up(self) -> None:
-        """Run this rank's local kernels once on scratch data, before the clock starts.
+        """Run this rank's local work on scratch data before the clock starts.
 
-        Kernel dispatch decides by size whether numba runs; where it does, this loads numba
-        and the cached machine code (or compiles it, on a fresh install) now, not in the
-        first steps. Nothing is communicated.
+        The problem computes a few gradients into ``g`` (its minibatch stream unmoved).
+        Subclasses add their kernels: dispatch decides by size whether numba runs, and where
+        it does this loads numba and the cached machine code (or compiles it, on a fresh
+        install) now rather than in the first steps. Nothing is communicated.
         """
+        self.ctx.problem.warm_up(self.x, self.g)
 
     def run(self) -> None:
         ctx = self.ctx

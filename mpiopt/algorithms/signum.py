@@ -236,7 +236,7 @@ class _SignBase(SynchronousAlgorithm):
         self.adversaries = adversary_ranks(self.cfg.adversaries, ctx.size)
 
     def warm_up(self) -> None:
-        self.g[...] = 0.0
+        super().warm_up()
         kernels.all_finite(self.g)
 
     def _finite(self, step: int, loss: float) -> bool:

@@ -382,7 +382,7 @@ class Swarm(SynchronousAlgorithm):
     def run(self) -> None:
         ctx = self.ctx
         self.setup()
-        ctx.restart_clock()
+        ctx.restart_clock(barrier=False)  # Gossip.start ended with a barrier
         gossip = self.gossip
         left = self._draw_h()
         step = 0

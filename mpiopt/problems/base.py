@@ -36,3 +36,12 @@ class Problem:
     def evaluate(self, x) -> dict:
         """Return test metrics of ``x`` (``loss``, ``accuracy``)."""
         raise NotImplementedError
+
+    def warm_up(self, x, out, calls: int = 16) -> None:
+        """Compute ``calls`` gradients into the scratch ``out``, leaving the run unchanged.
+
+        The first gradients after setup run several times slower than later ones (caches,
+        memory touched for the first time, the interpreter specialising the hot code); the
+        runner calls this before its clock starts. The minibatch stream must not move: the
+        run draws exactly the batches it would have drawn without it. Does nothing here.
+        """
