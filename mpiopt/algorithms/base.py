@@ -137,9 +137,6 @@ class Context:
         With ``barrier`` every rank starts it together, once all are set up: a rank that
         finished its setup first would otherwise count the others' setup as its first step.
         """
-        import gc
-        gc.collect()
-        gc.freeze()
         if barrier:
             self.transport.barrier()
         self.start = time.perf_counter()
