@@ -191,3 +191,19 @@ def test_bench_comm_algorithm_steps(tmp_path):
     assert rows[0]["ratio"] == 1.0 and not rows[0]["remote"] and rows[0]["fallbacks"] == 0
     res = launch(2, [*mpiopt_cmd(), "bench", "comm", "--algorithm", "swarmm"], timeout=60)
     assert res.returncode == 2 and "signum, swarm" in res.stderr
+
+
+def test_bench_startup_smoke(tmp_path):
+    # A plain process: it launches the ranks itself, a bare launch against each config.
+    res = launch(None, [*mpiopt_cmd(), "bench", "startup", "--repeats", "1", "--ranks", "2",
+                        "--steps", "20", "--json", str(tmp_path / "s.json")], timeout=120)
+    assert res.returncode == 0, res.stderr
+    rows = json.loads((tmp_path / "s.json").read_text())
+    assert [(r["config"], r["ranks"], r["steps"]) for r in rows] == [
+        ("quickstart", 2, 20), ("signum-digits", 2, 20)]
+    for r in rows:
+        assert 0 < r["run_s"] < r["wall_s"] and r["bare_s"] > 0
+        assert r["ratio"] == pytest.approx((r["wall_s"] if r["compared"] == "wall"
+                                            else r["overhead_s"]) / r["bare_s"])
+    res = launch(2, [*mpiopt_cmd(), "bench", "startup"], timeout=60)
+    assert res.returncode == 2 and "not under mpiexec" in res.stderr
