@@ -90,7 +90,7 @@ class Registry:
 
 def check_ranks(ranks, world_size: int, key: str) -> None:
     """Raise a ConfigError naming ``key`` if a listed rank is not in ``0..world_size-1``."""
-    bad = [r for r in ranks if r >= world_size]
+    bad = [r for r in ranks if not 0 <= r < world_size]
     if bad:
         raise ConfigError(f"rank {bad[0]} does not exist: ranks are 0..{world_size - 1}",
                           key=key)
@@ -125,7 +125,8 @@ class Section:
         out = {"name": self.NAME} if self.NAME else {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, tuple) else value
+            out[f.name] = (list(value) if isinstance(value, tuple)
+                           else dict(value) if isinstance(value, dict) else value)
         return out
 
 
@@ -134,6 +135,10 @@ class RunConfig(Section):
     """Settings of the run itself."""
 
     steps: int = param(200, "Steps per rank (one local update each).", low=1)
+    total_steps: int | None = param(
+        None, "Asynchronous algorithms: stop once all ranks together have taken this many "
+        "steps, each as many as its speed allows (run.steps then only bounds a rank's share "
+        "and the schedule runs over total_steps / ranks); null: run.steps per rank.", low=1)
     eval_every: int = param(50, "Evaluate every this many steps; 0: only the final model.",
                             low=0)
     seed: int = param(0, "Seed of every random choice: init, data order, partition.", low=0)
@@ -156,6 +161,13 @@ class RunConfig(Section):
         "training), true, or false (staged through host memory).", choices=("auto", True, False))
     time_limit_s: float | None = param(None, "Stop after this wall time (seconds).", low=0,
                                           low_open=True)
+    slowdown: dict[int, float] = param(
+        {}, "Ranks made slower on purpose (heterogeneous workers): rank -> factor; each of "
+        "their steps' computation takes that many times as long (the rank sleeps, it does not "
+        "spin), e.g. --set 'run.slowdown={1: 20}'.", low=1)
+
+    def check_world(self, world_size: int) -> None:
+        check_ranks(self.slowdown, world_size, "run.slowdown")
 
 
 @dataclass(frozen=True)
@@ -186,6 +198,8 @@ def _describe(tp) -> str:
         return text + " or null" if len(inner) < len(args) else text
     if origin is tuple:
         return f"list of {_describe(args[0])}"
+    if origin is dict:
+        return f"mapping of {_describe(args[0])} to {_describe(args[1])}"
     if tp is Any:
         return "any"
     return {int: "integer", float: "number", str: "string", bool: "true/false"}.get(
@@ -209,6 +223,10 @@ def coerce(value: Any, tp, key: str) -> Any:
             except ConfigError as exc:
                 errors.append(exc)
         raise ConfigError(f"expected {_describe(tp)}, got {value!r}", key=key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"expected {_describe(tp)}, got {value!r}", key=key)
+        return {coerce(k, args[0], key): coerce(v, args[1], key) for k, v in value.items()}
     if origin is tuple:
         if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             value = [value]
@@ -244,7 +262,10 @@ def _check_range(value: Any, meta: dict, key: str) -> None:
     if choices and value not in choices:
         raise ConfigError(f"{value!r} is not one of: {', '.join(map(_yaml_text, choices))}",
                           key=key)
-    values = value if isinstance(value, tuple) else (value,)
+    if isinstance(value, dict):
+        values = tuple(value.values())
+    else:
+        values = value if isinstance(value, tuple) else (value,)
     for v in values:
         if not isinstance(v, (int, float)) or isinstance(v, bool):
             continue

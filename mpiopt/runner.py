@@ -17,7 +17,7 @@ import time
 import h5py
 
 from mpiopt import __version__, backend, kernels
-from mpiopt.algorithms.base import Context
+from mpiopt.algorithms.base import WORKER, Context, reporter_rank
 from mpiopt.comm.transport import Transport, mpi_info
 from mpiopt.config import Config
 from mpiopt.errors import ConfigError
@@ -72,8 +72,13 @@ def prepare(transport: Transport, config_path: str, overrides: list[str]):
     """Validate the configuration on every rank; return it and the run directory."""
     def check():
         cfg = load_config(config_path, overrides)
-        for section in (cfg.problem, cfg.data, cfg.algorithm):
+        for section in (cfg.problem, cfg.algorithm, cfg.run):
             section.check_world(transport.size)
+        cfg.data.check_world(len(workers_of(cfg, transport.size)))  # data goes to workers
+        if cfg.run.total_steps is not None and not cfg.algorithm.ASYNCHRONOUS:
+            raise ConfigError(f"{cfg.algorithm.NAME} is synchronous: every rank takes run.steps "
+                              "steps; a total budget is for asynchronous algorithms",
+                              key="run.total_steps")
         if cfg.algorithm.HOST_ONLY and cfg.run.device == "gpu":
             raise ConfigError(f"{cfg.algorithm.NAME} runs on host memory; valid: cpu, auto",
                               key="run.device")
@@ -92,7 +97,11 @@ def build_problem(transport: Transport, cfg: Config):
     """Load this rank's shard and build the problem (every rank; errors agreed)."""
     def build():
         xp = backend.select(_device(cfg))
-        shard = cfg.data.load(transport.rank, transport.size, cfg.run.seed,
+        # Workers share the training set; a server or hub builds its problem on the first
+        # worker's shard (for the shapes: it computes no gradients).
+        workers = workers_of(cfg, transport.size)
+        part = workers.index(transport.rank) if transport.rank in workers else 0
+        shard = cfg.data.load(part, len(workers), cfg.run.seed,
                               with_test=transport.rank == 0)
         n = shard.x_train.shape[0]
         if cfg.data.batch_size > n:
@@ -101,6 +110,12 @@ def build_problem(transport: Transport, cfg: Config):
         return xp, shard, cfg.problem.build(shard, cfg.data.batch_size, xp)
 
     return agree(transport, build)
+
+
+def workers_of(cfg: Config, world_size: int) -> list[int]:
+    """Return the ranks that take training steps on data (the algorithm's workers)."""
+    roles = cfg.algorithm.roles(world_size)
+    return [r for r, role in enumerate(roles) if role == WORKER]
 
 
 def share_cores(transport: Transport) -> int:
@@ -237,7 +252,9 @@ def run(config_path: str, sets=None, steps=None, seed=None, out=None, overwrite=
     transport.cuda_aware, gpu_line = backend.decide_cuda_aware(transport, cfg.run.cuda_aware,
                                                                _device(cfg))
     xp, shard, problem = build_problem(transport, cfg)
-    loud = transport.rank == 0 and not cfg.run.quiet
+    # Progress lines come from the first worker: a rank 0 that serves takes no steps.
+    reporter = reporter_rank(cfg.algorithm.roles(transport.size))
+    loud = transport.rank == reporter and not cfg.run.quiet
     if transport.rank == 0:
         for warning in cfg.warnings:
             print(f"mpiopt: warning: {warning}", flush=True)

@@ -15,11 +15,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from mpiopt.comm.termination import Termination
 from mpiopt.comm.topology import build_topology
 from mpiopt.comm.transport import Channel
 from mpiopt.config import Section, param
 from mpiopt.io.metrics import EvalLog, StepLog
 from mpiopt.optim import SCHEDULES, SGD, make_schedule
+
+WORKER, SERVER, HUB = "worker", "server", "hub"
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,7 @@ class AlgorithmConfig(Section):
     """Keys common to every algorithm: the learning rate and its schedule."""
 
     HOST_ONLY: ClassVar[bool] = False  # True: runs on host memory (run.device auto means cpu)
+    ASYNCHRONOUS: ClassVar[bool] = False  # True: ranks step at their own pace (total budgets)
 
     lr: float = param(0.1, "Base learning rate.", low=0, low_open=True)
     schedule: str = param("constant", "Learning-rate schedule after warm-up.",
@@ -40,6 +44,10 @@ class AlgorithmConfig(Section):
     def build(self, ctx: Context) -> Algorithm:
         """Return the runtime object of this algorithm for one rank."""
         raise NotImplementedError
+
+    def roles(self, world_size: int) -> tuple[str, ...]:
+        """Return the role of every rank: all workers unless the algorithm has servers or hubs."""
+        return (WORKER,) * world_size
 
     def make_schedule(self, total_steps: int):
         """Return ``step -> lr`` for this configuration."""
@@ -84,6 +92,11 @@ class GraphKeys(SGDConfig):
         self.topology_for(world_size)
 
 
+def reporter_rank(roles) -> int:
+    """Return the rank that reports progress: the first worker (rank 0 if none works)."""
+    return next((r for r, role in enumerate(roles) if role == WORKER), 0)
+
+
 class NonFiniteError(FloatingPointError):
     """A loss or gradient became NaN or infinite."""
 
@@ -100,6 +113,11 @@ class Context:
         init_rng: a stream identical on every rank (initial parameters).
         schedule: ``step -> lr``.
         steps: the step budget per rank.
+        roles: every rank's role (``worker``, ``server``, ``hub``...), from the algorithm.
+        role: this rank's role.
+        reporter: the rank that prints progress lines (the first worker; not rank 0 when
+            rank 0 serves).
+        slowdown: this rank's factor from ``run.slowdown`` (1: full speed).
     """
 
     def __init__(self, cfg, transport, problem, xp, run_dir: str, steplog: StepLog,
@@ -113,7 +131,10 @@ class Context:
         self.rng = np.random.default_rng([seed, 1, self.rank])
         self.init_rng = np.random.default_rng([seed, 0])
         self.steps = cfg.run.steps
-        self.schedule = cfg.algorithm.make_schedule(self.steps)
+        total = cfg.run.total_steps
+        # A total budget: a rank's schedule spans its expected share, its cap is run.steps.
+        horizon = self.steps if total is None else -(-total // max(self.size, 1))
+        self.schedule = cfg.algorithm.make_schedule(min(horizon, self.steps))
         self.run_dir = run_dir
         self.steplog = steplog
         self.evals = EvalLog()
@@ -123,6 +144,10 @@ class Context:
         self.steps_done = 0
         self.final: dict = {}
         self.strict_loss = True  # a non-finite loss ends the run (policies may relax this)
+        self.roles = cfg.algorithm.roles(self.size)
+        self.role = self.roles[self.rank]
+        self.reporter = reporter_rank(self.roles)
+        self.slowdown = float(cfg.run.slowdown.get(self.rank, 1.0))
         self._mark = (self.start, 0, 0, 0.0)
 
     # ------------------------------------------------------------------ steps
@@ -162,6 +187,9 @@ class Context:
         t0, sent0, recv0, comm0 = self._mark
         now = time.perf_counter()
         comm = t.comm_seconds() - comm0
+        if self.slowdown != 1.0:  # the step's computation, made slowdown times as long
+            time.sleep((self.slowdown - 1.0) * max(now - t0 - comm, 0.0))
+            now = time.perf_counter()
         sent = t.bytes_sent()
         self.steplog.append(step, now - self.start, loss, lr, sent - sent0,
                             t.bytes_recv() - recv0, max(now - t0 - comm, 0.0), comm)
@@ -201,8 +229,12 @@ class Algorithm:
         return {}
 
 
-class SynchronousAlgorithm(Algorithm):
-    """An algorithm whose ranks all take the same steps: one ``step`` per iteration."""
+class ModelAlgorithm(Algorithm):
+    """An algorithm whose every rank holds a model ``x``, a gradient ``g`` and an optimizer.
+
+    The base of the synchronous and the asynchronous loops: allocation, the local gradient,
+    the warm-up, evaluation of rank 0's model or of the average model, the saved model.
+    """
 
     def setup(self) -> None:
         """Allocate buffers and initial parameters (identical on every rank)."""
@@ -232,6 +264,36 @@ class SynchronousAlgorithm(Algorithm):
         """
         self.ctx.problem.warm_up(self.x, self.g)
 
+    def evaluate(self, step: int) -> dict:
+        """Evaluate rank 0's model on the test set (rank 0 holds it)."""
+        return self.ctx.problem.evaluate(self.x) if self.ctx.rank == 0 else {}
+
+    def evaluate_average(self) -> dict:
+        """Evaluate the average of all ranks' models; add the consensus distance.
+
+        The consensus distance is the mean over ranks of ``|x_i - mean(x)|^2``. Uses the
+        optimizer's scratch and the gradient buffer, both free between steps.
+        """
+        ctx = self.ctx
+        avg = self.state.scratch
+        avg[...] = self.x
+        ctx.transport.allreduce(avg, Channel.EVAL)
+        avg *= 1.0 / ctx.size
+        diff = self.g
+        ctx.xp.subtract(self.x, avg, out=diff)
+        dist = ctx.transport.allreduce_scalar(float((diff * diff).sum()), channel=Channel.EVAL)
+        if ctx.rank != 0:
+            return {}
+        return {**ctx.problem.evaluate(avg), "consensus_distance": dist / ctx.size}
+
+    def model(self):
+        """Return the parameters to save as the run's final model."""
+        return self.x
+
+
+class SynchronousAlgorithm(ModelAlgorithm):
+    """An algorithm whose ranks all take the same steps: one ``step`` per iteration."""
+
     def run(self) -> None:
         ctx = self.ctx
         self.setup()
@@ -260,28 +322,56 @@ class SynchronousAlgorithm(Algorithm):
         self.ctx.transport.bcast(flag, root=0, channel=Channel.CONTROL)
         return bool(flag[0])
 
-    def evaluate(self, step: int) -> dict:
-        """Evaluate rank 0's model on the test set (rank 0 holds it)."""
-        return self.ctx.problem.evaluate(self.x) if self.ctx.rank == 0 else {}
 
-    def evaluate_average(self) -> dict:
-        """Evaluate the average of all ranks' models; add the consensus distance.
+class AsynchronousAlgorithm(ModelAlgorithm):
+    """An algorithm whose ranks step at their own pace and meet only at the end.
 
-        The consensus distance is the mean over ranks of ``|x_i - mean(x)|^2``. Uses the
-        optimizer's scratch and the gradient buffer, both free between steps.
-        """
+    The loop every asynchronous method shares: each rank takes ``step`` after ``step`` until
+    its budget is spent (``run.steps``, ``run.total_steps`` over all ranks, or
+    ``run.time_limit_s``), showing its progress by a heartbeat; then it waits for the others
+    with :class:`~mpiopt.comm.termination.Termination`, doing what it owes them meanwhile
+    (:meth:`serve`), which waits for slow ranks however long they take and fails only on one
+    that shows no progress for ``run.comm_timeout_s``. After every rank has stopped,
+    :meth:`finish` releases what the method holds, and the final evaluation is collective.
+    Mid-run evaluations are rank 0's alone (:meth:`evaluate_running`): nobody else waits.
+    A method is its ``setup``, ``step``, ``serve`` and ``finish``.
+    """
+
+    def step(self, step: int, lr: float) -> float:
+        """Do one local step, with its own communication; return the minibatch loss."""
+        raise NotImplementedError
+
+    def serve(self) -> None:
+        """Do, while waiting at the stop, what the others may still need from this rank."""
+
+    def finish(self) -> None:
+        """Release the method's communication state once every rank has stopped."""
+
+    def evaluate_running(self, step: int) -> dict:
+        """Evaluate mid-run on rank 0 alone, without the others (default: its own model)."""
+        return self.ctx.problem.evaluate(self.x)
+
+    def run(self) -> None:
         ctx = self.ctx
-        avg = self.state.scratch
-        avg[...] = self.x
-        ctx.transport.allreduce(avg, Channel.EVAL)
-        avg *= 1.0 / ctx.size
-        diff = self.g
-        ctx.xp.subtract(self.x, avg, out=diff)
-        dist = ctx.transport.allreduce_scalar(float((diff * diff).sum()), channel=Channel.EVAL)
-        if ctx.rank != 0:
-            return {}
-        return {**ctx.problem.evaluate(avg), "consensus_distance": dist / ctx.size}
-
-    def model(self):
-        """Return the parameters to save as the run's final model."""
-        return self.x
+        self.setup()
+        self.warm_up()
+        run = ctx.cfg.run
+        stop = Termination(ctx.transport, ctx.steps, run.time_limit_s, run.total_steps,
+                           ctx.elapsed)
+        ctx.restart_clock()
+        step = 0
+        while stop.go(step):
+            ctx.begin_step(step)
+            lr = ctx.schedule(step)
+            loss = self.step(step, lr)
+            ctx.end_step(step, loss, lr)
+            stop.beat(step + 1)
+            if ctx.rank == 0 and ctx.eval_due(step):
+                ctx.record_eval(step, self.evaluate_running(step))
+            step += 1
+        stop.wait(self.serve)
+        stop.free()
+        self.finish()
+        ctx.final = self.evaluate(ctx.steps_done - 1)
+        if ctx.rank == 0:
+            ctx.record_eval(ctx.steps_done - 1, ctx.final)

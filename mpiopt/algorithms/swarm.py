@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from mpiopt.algorithms import ALGORITHMS
-from mpiopt.algorithms.base import GraphKeys, SynchronousAlgorithm
+from mpiopt.algorithms.base import AsynchronousAlgorithm, GraphKeys
 from mpiopt.comm.transport import Channel, CommTimeout, async_progress_enabled
 from mpiopt.comm.windows import ProgressThread, Window
 from mpiopt.compressors import make_compressor
@@ -313,28 +313,23 @@ class Gossip:
         self.inbox.flush(me)
         x += self.drained
 
-    def stop(self, x, step: int = -1) -> dict:
-        """Finish cleanly (collective); return every rank's counters.
+    def serve(self, x, step: int) -> None:
+        """While waiting at the stop (pairwise): apply arriving corrections, republish.
 
-        Every interaction flushes its operations, so a rank that reaches the stop has nothing
-        outstanding; others may still read its window meanwhile (which needs nothing from
-        it). It waits in a nonblocking barrier, polled with short sleeps so that ranks that
-        are done do not take cores from those still computing. In ``pairwise`` mode it keeps
-        applying the corrections that arrive and republishing meanwhile: left to pile up,
-        corrections computed against one stale copy would overshoot the average. Then the
-        last corrections are applied and the windows freed.
+        Left to pile up, corrections computed against one stale copy would overshoot the
+        average.
+        """
+        if self.inbox is not None:
+            self.drain(x)
+            self.pub.publish(x, step)
+
+    def stop(self, x) -> dict:
+        """Release everything once every rank has stopped (collective); return the counters.
+
+        Every interaction flushes its operations, so nothing is outstanding; the last
+        corrections are applied and the windows freed.
         """
         t = self.t
-        done = t.ibarrier(Channel.CONTROL)
-        deadline = time.monotonic() + t.timeout
-        while not done.test():
-            if self.inbox is not None:
-                self.drain(x)
-                self.pub.publish(x, step)
-            if time.monotonic() > deadline:
-                raise CommTimeout(done.describe(f"timed out after {t.timeout:g} s waiting for "
-                                                "the other ranks to finish"))
-            time.sleep(5e-4)
         if self.progress is not None:  # everyone is past its last operation
             self.progress.stop()
         if self.inbox is not None:
@@ -360,8 +355,8 @@ class Gossip:
         return out
 
 
-class Swarm(SynchronousAlgorithm):
-    """SwarmSGD on one rank: its own loop, one-sided reads, no barrier until the stop."""
+class Swarm(AsynchronousAlgorithm):
+    """SwarmSGD on one rank: local steps and one-sided reads; no barrier until the stop."""
 
     def setup(self) -> None:
         super().setup()
@@ -371,6 +366,8 @@ class Swarm(SynchronousAlgorithm):
                              cfg.progress, cfg.progress_interval_s, cfg.publish_slots,
                              cfg.rma_sync == "locks")
         self.slow = cfg.slow_s if ctx.rank in cfg.slow_ranks else 0.0
+        self.left = self._draw_h()
+        self.last = -1
         self.gossip.start(self.x)
 
     def _draw_h(self) -> int:
@@ -379,34 +376,29 @@ class Swarm(SynchronousAlgorithm):
             return int(self.ctx.rng.geometric(1.0 / h))
         return h
 
-    def run(self) -> None:
-        ctx = self.ctx
-        self.setup()
-        ctx.restart_clock(barrier=False)  # Gossip.start ended with a barrier
+    def step(self, step: int, lr: float) -> float:
         gossip = self.gossip
-        left = self._draw_h()
-        step = 0
-        while step < ctx.steps and not ctx.out_of_time():
-            ctx.begin_step(step)
-            lr = ctx.schedule(step)
-            loss = self.local_gradient(step)
-            self.opt.apply(self.x, self.g, self.state, lr)
-            gossip.drain(self.x)
-            left -= 1
-            if left == 0:
-                gossip.interact(self.x, ctx.rng)
-                left = self._draw_h()
-            gossip.publish(self.x, step)
-            if self.slow:
-                time.sleep(self.slow)
-            ctx.end_step(step, loss, lr)
-            if ctx.rank == 0 and ctx.eval_due(step):
-                ctx.record_eval(step, self._evaluate_published())
-            step += 1
-        self.totals = gossip.stop(self.x, step - 1)
-        ctx.final = self.evaluate(ctx.steps_done - 1)
-        if ctx.rank == 0:
-            ctx.record_eval(ctx.steps_done - 1, ctx.final)
+        loss = self.local_gradient(step)
+        self.opt.apply(self.x, self.g, self.state, lr)
+        gossip.drain(self.x)
+        self.left -= 1
+        if self.left == 0:
+            gossip.interact(self.x, self.ctx.rng)
+            self.left = self._draw_h()
+        gossip.publish(self.x, step)
+        self.last = step
+        if self.slow:
+            time.sleep(self.slow)
+        return loss
+
+    def serve(self) -> None:
+        self.gossip.serve(self.x, self.last)
+
+    def finish(self) -> None:
+        self.totals = self.gossip.stop(self.x)
+
+    def evaluate_running(self, step: int) -> dict:
+        return self._evaluate_published()
 
     def summary_info(self) -> dict:
         tot = self.totals
@@ -454,6 +446,7 @@ class SwarmConfig(GraphKeys):
     """SwarmSGD: asynchronous local steps and random pairwise averaging over RMA."""
 
     HOST_ONLY = True  # windows and shared-memory reads are host memory
+    ASYNCHRONOUS = True
 
     topology: Any = param("complete", "Graph over ranks: complete, ring, torus, hypercube, "
                           "random_regular:k, or a list of [i, j] edges.")
