@@ -198,3 +198,19 @@ def test_swarm_keys_are_checked():
     with pytest.raises(ConfigError, match="random_regular"):
         config_from_dict({**BASE, "algorithm": {"name": "swarm", "topology": "star"}}
                          ).algorithm.check_world(4)
+
+
+def test_slowdown_is_a_mapping_of_ranks_to_factors():
+    cfg = config_from_dict(BASE, ["run.slowdown={1: 20, 3: 2.5}"])
+    assert cfg.run.slowdown == {1: 20.0, 3: 2.5}
+    assert "slowdown:\n    1: 20.0\n    3: 2.5" in cfg.to_yaml()
+    assert config_from_dict(BASE).run.slowdown == {}
+    assert error_of(config_from_dict, BASE, ["run.slowdown={1: 0.5}"]) == (
+        "run.slowdown: must be in [1, inf), got 0.5")
+    assert error_of(config_from_dict, BASE, ["run.slowdown=3"]) == (
+        "run.slowdown: expected mapping of integer to number, got 3")
+    assert error_of(config_from_dict, BASE, ["run.slowdown={one: 2}"]) == (
+        "run.slowdown: expected integer, got 'one'")
+    cfg.run.check_world(4)
+    with pytest.raises(ConfigError, match="run.slowdown: rank 3 does not exist"):
+        cfg.run.check_world(3)
