@@ -44,14 +44,18 @@ def _compute(seconds: float) -> None:
 
 
 def _idle(t: Transport) -> None:
-    """Stay inside MPI (polling a barrier, yielding the core between polls) until all arrive."""
-    req = t.comm.Ibarrier()
+    """Stay inside MPI (polling a barrier, yielding the core between polls) until all arrive.
+
+    Unlike ``Handle.wait`` it never sleeps: an idle partner must keep entering MPI so that
+    one-sided reads of it progress at once.
+    """
+    done = t.ibarrier()
     deadline = time.monotonic() + t.timeout
-    while not req.Test():
+    while not done.test():
         os.sched_yield()  # oversubscribed: let the reader run
         if time.monotonic() > deadline:
-            raise CommTimeout(f"rank {t.rank}: the benchmark's barrier (tag CONTROL) did not "
-                              f"complete within {t.timeout:g} s")
+            raise CommTimeout(done.describe(f"did not complete within {t.timeout:g} s (the "
+                                            "benchmark's idle partners)"))
 
 
 def _reads(t: Transport, fn, busy: bool, reads: int) -> list[float]:
