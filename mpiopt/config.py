@@ -169,6 +169,15 @@ class RunConfig(Section):
     def check_world(self, world_size: int) -> None:
         check_ranks(self.slowdown, world_size, "run.slowdown")
 
+    def expected_steps(self, world_size: int) -> int:
+        """Return the steps a rank expects to take: ``steps``, or its share of ``total_steps``.
+
+        The learning-rate schedule and the progress lines span this many steps.
+        """
+        if self.total_steps is None:
+            return self.steps
+        return min(self.steps, -(-self.total_steps // max(world_size, 1)))
+
 
 @dataclass(frozen=True)
 class Config:

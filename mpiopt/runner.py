@@ -263,7 +263,8 @@ def run(config_path: str, sets=None, steps=None, seed=None, out=None, overwrite=
         print(describe_start(cfg, transport.size, out_dir, problem.dim), flush=True)
     _create_dir(transport, cfg, out_dir)
     steplog = StepLog(rank_log_path(out_dir, transport.rank), cfg.run.metrics_chunk)
-    progress = Progress(cfg.run.steps, cfg.run.progress_every_s, enabled=loud)
+    progress = Progress(cfg.run.expected_steps(transport.size), cfg.run.progress_every_s,
+                        enabled=loud)
     ctx = Context(cfg, transport, problem, xp, out_dir, steplog, faults, progress)
     algo = cfg.algorithm.build(ctx)
     algo.run()

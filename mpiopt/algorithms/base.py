@@ -131,10 +131,7 @@ class Context:
         self.rng = np.random.default_rng([seed, 1, self.rank])
         self.init_rng = np.random.default_rng([seed, 0])
         self.steps = cfg.run.steps
-        total = cfg.run.total_steps
-        # A total budget: a rank's schedule spans its expected share, its cap is run.steps.
-        horizon = self.steps if total is None else -(-total // max(self.size, 1))
-        self.schedule = cfg.algorithm.make_schedule(min(horizon, self.steps))
+        self.schedule = cfg.algorithm.make_schedule(cfg.run.expected_steps(self.size))
         self.run_dir = run_dir
         self.steplog = steplog
         self.evals = EvalLog()
