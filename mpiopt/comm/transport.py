@@ -8,15 +8,17 @@ safe: before any MPI call the current stream of the buffer's device is synchroni
 CUDA-aware, device buffers are staged through leased host arrays
 (:class:`mpiopt.backend.StagingPool`).
 
-Blocking collectives run at full speed; a watchdog thread enforces their deadline and aborts the
+Blocking collectives run at full speed; a watchdog thread enforces their deadline and ends the
 job with a message naming the operation, the peer, the channel and the step. Nonblocking
-operations return a :class:`Handle` whose ``wait`` polls with backoff until its deadline and
-then raises :class:`CommTimeout`.
+operations return a :class:`Handle` whose ``wait`` (and ``cancel``) polls with backoff until
+its deadline and then raises :class:`CommTimeout`; :func:`wait_any` and :func:`test_some` do
+the same over many handles, e.g. a parameter server's receives from any source.
 """
 
 from __future__ import annotations
 
 import enum
+import itertools
 import os
 import sys
 import threading
@@ -66,20 +68,65 @@ def _is_device(buf) -> bool:
     return type(buf).__module__.startswith("cupy")
 
 
-def _copy_back(buf, host) -> None:
-    """Copy a staged host result into the device buffer it stands for."""
-    if host is not buf and host is not None:
-        # Synchronous from page-locked memory (no stream given): the host array may be
-        # leased again as soon as this returns.
+def _copy_back(buf, host, nbytes: int | None = None) -> None:
+    """Copy a staged host result into the device buffer it stands for.
+
+    ``nbytes`` (a receive's real size) shorter than the buffer copies only that prefix, so the
+    rest of ``buf`` keeps its contents as it would if MPI had received into it directly.
+    """
+    if host is buf or host is None:
+        return
+    # Synchronous from page-locked memory (no stream given): the host array may be leased
+    # again as soon as this returns.
+    if nbytes is None or nbytes >= host.nbytes:
         buf.set(host)
+    else:
+        k = nbytes // host.itemsize
+        buf.reshape(-1)[:k].set(host.reshape(-1)[:k])
+
+
+def _backoff(limit: float):
+    """Yield between two polls until ``limit`` seconds have passed, then stop.
+
+    The first ``SPIN_S`` seconds only give the core away between polls (with more ranks than
+    cores the peers being waited for need it; MPICH's own blocking waits do the same), which
+    also drives MPI progress on large messages; then the pauses grow to 2 ms so that an idle
+    rank does not burn a core. The deadline is checked once spinning is over.
+    """
+    now = time.monotonic()
+    deadline, spin_until, pause = now + limit, now + SPIN_S, 1e-5
+    while True:
+        now = time.monotonic()
+        if now <= spin_until:
+            os.sched_yield()
+        elif now > deadline:
+            return
+        else:
+            time.sleep(pause)
+            pause = min(pause * 2, 2e-3)
+        yield
 
 
 class _Watchdog:
-    """Abort the job when a blocking MPI call outlives its deadline."""
+    """End the job when a blocking MPI call outlives its deadline.
 
-    def __init__(self, rank: int):
+    How depends on the thread level MPI was initialised at (``multiple``: whether this
+    thread may call MPI while the main thread is blocked inside it). At ``multiple`` it calls
+    ``MPI_Abort``, which every launcher honours. Below, a second thread calling MPI is
+    erroneous, and the main thread cannot be made to act (it sits inside the blocked call, and
+    Python runs signal handlers only between bytecodes), so the watchdog ends this process
+    alone with ``os._exit(3)`` and leaves the rest to the launcher: Hydra (the mpich wheel's
+    ``mpiexec``) kills every other rank when one exits abnormally; measured here at 2, 3 and 5
+    ranks under ``serialized``, the whole job was gone within 30 ms of the exit, whether the
+    other ranks were sleeping or blocked in MPI. Under Slurm the same takes ``srun
+    --kill-on-bad-exit=1`` (or ``KillOnBadExit``); without it a rank that is not itself stuck
+    in a watched call keeps running. Run at ``multiple`` (mpi4py's default) to abort anywhere.
+    """
+
+    def __init__(self, rank: int, thread_level: int = MPI.THREAD_MULTIPLE):
         self.rank = rank
-        self.current: tuple[float, str] | None = None
+        self.can_abort = thread_level >= MPI.THREAD_MULTIPLE
+        self.current: tuple | None = None
         self._thread: threading.Thread | None = None
 
     def arm(self, deadline: float, what: str, peer, channel, step: int, limit: float) -> None:
@@ -95,23 +142,35 @@ class _Watchdog:
             time.sleep(0.25)
             current = self.current
             if current is not None and time.perf_counter() > current[0]:
-                _, what, peer, channel, step, limit = current
-                sys.stderr.write(f"mpiopt: rank {self.rank}: {what} timed out after {limit:g} s "
-                                 f"(peer {peer}, tag {channel.name}, step {step}); "
-                                 "aborting the job\n")
-                sys.stderr.flush()
-                time.sleep(0.5)  # let the launcher forward the line before the job is torn down
-                MPI.COMM_WORLD.Abort(3)
+                self._fire(*current[1:])
+
+    def _fire(self, what: str, peer, channel, step: int, limit: float) -> None:
+        how = ("aborting the job" if self.can_abort else
+               "exiting (thread level below multiple: the launcher ends the other ranks)")
+        sys.stderr.write(f"mpiopt: rank {self.rank}: {what} timed out after {limit:g} s "
+                         f"(peer {peer}, tag {channel.name}, step {step}); {how}\n")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        time.sleep(0.5)  # let the launcher forward the line before the job is torn down
+        if self.can_abort:
+            MPI.COMM_WORLD.Abort(3)
+        os._exit(3)
 
 
 class Handle:
     """A pending nonblocking operation with a deadline.
 
-    ``wait`` polls the request, first in a tight loop (which also drives MPI progress on large
-    messages), then with
-    growing sleeps so that an idle rank does not burn a core, and raises :class:`CommTimeout`
-    naming the peer, the channel and the step when the deadline passes.
+    ``wait`` polls the request with backoff (see :func:`_backoff`) and raises
+    :class:`CommTimeout` naming the peer, the channel and the step when the deadline passes.
+    ``cancel`` is bounded the same way. A receive's handle also tells, once done, where its
+    message came from (``source``, ``channel``) and its size (``nbytes``).
     """
+
+    source: int | None = None  # set when a receive completes
+    nbytes: int | None = None  # bytes a receive got, set when it completes
+    cancelled = False  # set by a successful cancel
+    _status = None  # an MPI.Status where completion must be read (receives, cancels)
+    _sent = 0  # bytes charged when a send was posted (refunded if it is cancelled)
 
     def __init__(self, transport: Transport, request, what: str, peer, channel: Channel,
                  finish=None, release=None):
@@ -123,11 +182,12 @@ class Handle:
         self.step = transport.step
         self._finish = finish  # on completion only (copies a staged receive back)
         self._release = release  # once, on completion or cancel (returns staging leases)
+        self._cancel_posted = False
         self.done = False
 
     def test(self) -> bool:
         """Return True if the operation has completed (finishing it if so)."""
-        if not self.done and self.request.Test():
+        if not self.done and self.request.Test(self._status):
             self._complete()
         return self.done
 
@@ -137,19 +197,12 @@ class Handle:
             return
         t0 = time.perf_counter()
         limit = self.transport.timeout if timeout is None else timeout
-        deadline = time.monotonic() + limit
-        spin_until, sleep = time.monotonic() + SPIN_S, 1e-5
-        while not self.request.Test():
-            now = time.monotonic()
-            if now <= spin_until:
-                # Give the core away between polls: with more ranks than cores the peers this
-                # operation waits for need it (MPICH's own blocking waits do the same).
-                os.sched_yield()
+        if not self.request.Test(self._status):
+            for _ in _backoff(limit):
+                if self.request.Test(self._status):
+                    break
             else:
-                if now > deadline:
-                    raise CommTimeout(self.describe(f"timed out after {limit:g} s"))
-                time.sleep(sleep)
-                sleep = min(sleep * 2, 2e-3)
+                raise CommTimeout(self.describe(f"timed out after {limit:g} s"))
         self.transport._charge(self.channel, 0, 0, time.perf_counter() - t0)
         self._complete()
 
@@ -164,17 +217,69 @@ class Handle:
             self._release()
             self._release = None
 
-    def cancel(self) -> None:
-        """Cancel the operation if it has not completed (used by stop protocols)."""
-        if not self.done:
+    def cancel(self, timeout: float | None = None) -> bool:
+        """Cancel the operation if it has not completed; return True if MPI cancelled it.
+
+        False means it completed anyway and was finished as ``wait`` would (a receive's data
+        copied and counted; a send delivered: MPICH cannot cancel a send to another rank, an
+        eager one completes at once and its message still reaches the receiver). If it neither
+        completes nor is cancelled within ``timeout`` seconds (default: the transport's) this
+        raises :class:`CommTimeout` and the handle stays pending, its buffers still in MPI's
+        hands: a rendezvous-sized send to a rank that never receives does so in MPICH.
+        """
+        if self.done:
+            return self.cancelled
+        if not self._cancel_posted:
             self.request.Cancel()
-            self.request.Wait()
-            self.done = True
-            self._let_go()
+            self._cancel_posted = True
+        if self._status is None:
+            self._status = MPI.Status()
+        limit = self.transport.timeout if timeout is None else timeout
+        if not self.request.Test(self._status):
+            for _ in _backoff(limit):
+                if self.request.Test(self._status):
+                    break
+            else:
+                raise CommTimeout(self.describe(f"could not be cancelled within {limit:g} s"))
+        if not self._status.Is_cancelled():
+            self._complete()
+            return False
+        self.done = self.cancelled = True
+        if self._sent:
+            self.transport._charge(self.channel, -self._sent, 0, 0.0)
+        self._let_go()
+        return True
+
+    def where(self) -> str:
+        """Return ``(peer P, tag T, step S)`` for messages about this operation."""
+        tag = "any" if self.channel is None else self.channel.name
+        return f"(peer {self.peer}, tag {tag}, step {self.step})"
 
     def describe(self, problem: str) -> str:
-        return (f"{self.what} {problem} (peer {self.peer}, tag {self.channel.name}, "
-                f"step {self.step})")
+        return f"{self.what} {problem} {self.where()}"
+
+
+class _Receive(Handle):
+    """A receive; on completion its source, tag and size are read from the MPI status.
+
+    Its bytes are counted then, as many as arrived, on the channel they arrived on: a
+    cancelled or never-completed receive counts nothing.
+    """
+
+    def __init__(self, transport: Transport, request, buf, host, source, channel):
+        super().__init__(transport, request, "receive", "any" if source is None else source,
+                         channel, release=transport._releaser((buf, host)))
+        self._status = MPI.Status()
+        self._buf, self._host = buf, host
+
+    def _complete(self) -> None:
+        status = self._status
+        self.source = status.Get_source()
+        self.channel = Channel(status.Get_tag())
+        self.nbytes = status.Get_count(MPI.BYTE)
+        self.transport._charge(self.channel, 0, self.nbytes, 0.0)
+        _copy_back(self._buf, self._host, self.nbytes)
+        super()._complete()
 
 
 def wait_all(handles, timeout: float | None = None) -> None:
@@ -185,6 +290,49 @@ def wait_all(handles, timeout: float | None = None) -> None:
     deadline = time.monotonic() + limit
     for h in handles:
         h.wait(max(deadline - time.monotonic(), 0.0))
+
+
+_turn = itertools.count()  # where wait_any starts looking, so no pending handle starves
+
+
+def wait_any(handles, timeout: float | None = None) -> int | None:
+    """Wait until one of ``handles`` completes; return its index (finishing it).
+
+    Handles already done are skipped, as MPI skips inactive requests: calling this until it
+    returns None reports every handle exactly once. Polls like :meth:`Handle.wait`; at the
+    deadline (default: the transport's) raises :class:`CommTimeout` listing what is pending.
+    """
+    pending = [i for i, h in enumerate(handles) if not h.done]
+    if not pending:
+        return None
+    k = next(_turn) % len(pending)
+    order = pending[k:] + pending[:k]
+    first = handles[pending[0]].transport
+    limit = first.timeout if timeout is None else timeout
+    t0 = time.perf_counter()
+    found = next((i for i in order if handles[i].test()), None)
+    if found is None:
+        for _ in _backoff(limit):
+            found = next((i for i in order if handles[i].test()), None)
+            if found is not None:
+                break
+        else:
+            waiting = ", ".join(f"{handles[i].what} {handles[i].where()}" for i in pending)
+            raise CommTimeout(f"wait_any timed out after {limit:g} s at step {first.step} "
+                              f"waiting for any of: {waiting}")
+    first._charge(handles[found].channel, 0, 0, time.perf_counter() - t0)
+    return found
+
+
+def test_some(handles) -> list[int]:
+    """Return the indices of the handles that complete now (finishing them), without waiting.
+
+    Handles already done are skipped, so each index is reported once over repeated calls.
+    """
+    return [i for i, h in enumerate(handles) if not h.done and h.test()]
+
+
+test_some.__test__ = False  # not a test, for pytest's collection of modules importing it
 
 
 class Transport:
@@ -211,7 +359,7 @@ class Transport:
         self.cuda_aware = cuda_aware
         self.step = -1
         self.reset_stats()
-        self._watchdog = _Watchdog(MPI.COMM_WORLD.Get_rank())
+        self._watchdog = _Watchdog(MPI.COMM_WORLD.Get_rank(), MPI.Query_thread())
         self.staging = backend.StagingPool()
 
     # ----------------------------------------------------------------- accounting
@@ -431,6 +579,15 @@ class Transport:
                            lambda: self.comm.Igather(s, r, root=root),
                            recvbuf if is_root else None, r, sendbuf, s)
 
+    def iallreduce(self, buf, channel: Channel = Channel.GRADIENT, op: str = "sum") -> Handle:
+        """Start :meth:`allreduce` (in place, counted the same); ``buf`` is valid on completion."""
+        n = self.size
+        moved = int(2 * (n - 1) * _nbytes(buf) / n)
+        host = self._host(buf)
+        return self._start("allreduce", "all", channel, moved, moved,
+                           lambda: self.comm.Iallreduce(MPI.IN_PLACE, host, op=_OPS[op]),
+                           buf, host, buf, host)
+
     def ibcast(self, buf, root: int = 0, channel: Channel = Channel.MODEL) -> Handle:
         """Start :meth:`bcast`; ``buf`` is valid everywhere once the handle completes."""
         nb = _nbytes(buf)
@@ -447,16 +604,22 @@ class Transport:
         """Start sending ``buf`` to ``dest`` on ``channel``; return its handle."""
         host = self._host(buf)
         req = self.comm.Isend(host, dest=dest, tag=int(channel))
-        self._charge(channel, _nbytes(buf), 0, 0.0)
-        return Handle(self, req, "send", dest, channel, release=self._releaser((buf, host)))
+        h = Handle(self, req, "send", dest, channel, release=self._releaser((buf, host)))
+        h._sent = _nbytes(buf)
+        self._charge(channel, h._sent, 0, 0.0)
+        return h
 
-    def irecv(self, buf, source: int, channel: Channel) -> Handle:
-        """Start receiving into ``buf`` from ``source`` on ``channel``; return its handle."""
+    def irecv(self, buf, source: int | None, channel: Channel | None) -> Handle:
+        """Start receiving into ``buf``; return its handle.
+
+        ``source`` None receives from any rank and ``channel`` None on any channel; once the
+        handle is done, ``source``, ``channel`` and ``nbytes`` tell what arrived (a message
+        may be shorter than ``buf``). Bytes are counted on completion.
+        """
         host = self._host(buf, fill=False)
-        req = self.comm.Irecv(host, source=source, tag=int(channel))
-        self._charge(channel, 0, _nbytes(buf), 0.0)
-        return Handle(self, req, "receive", source, channel,
-                      finish=lambda: _copy_back(buf, host), release=self._releaser((buf, host)))
+        req = self.comm.Irecv(host, source=MPI.ANY_SOURCE if source is None else source,
+                              tag=MPI.ANY_TAG if channel is None else int(channel))
+        return _Receive(self, req, buf, host, source, channel)
 
     def sendrecv(self, sendbuf, dest: int, recvbuf, source: int, channel: Channel) -> None:
         """Exchange buffers with two peers (possibly the same) under the deadline."""
@@ -465,9 +628,17 @@ class Transport:
 
     # ----------------------------------------------------------------- structure
 
-    def split(self, color: int, key: int | None = None) -> Transport:
-        """Return a transport over the ranks of the same ``color``."""
-        sub = self.comm.Split(color, self.rank if key is None else key)
+    def split(self, color: int | None, key: int | None = None) -> Transport | None:
+        """Return a transport over the ranks of the same ``color``, ordered by ``key``.
+
+        Collective over this transport. A rank passing ``color=None`` joins no group (a
+        parameter server left out of its workers' communicator) and gets None.
+        """
+        mpi_color = MPI.UNDEFINED if color is None else int(color)
+        sub = self._call("split", "all", Channel.CONTROL, 0, 0, self.comm.Split, mpi_color,
+                         self.rank if key is None else key)
+        if sub == MPI.COMM_NULL:
+            return None
         return Transport(sub, self.timeout, self.cuda_aware, _dup=False)
 
     def split_shared(self) -> Transport:

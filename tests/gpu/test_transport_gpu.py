@@ -38,6 +38,16 @@ for mode in ([aware, False] if aware else [False]):
         handle.wait()
     assert bool((y == (t.rank - 1) % t.size).all())
     assert bool((z == (t.rank + 1) % t.size + 0.5).all())
+    v = cp.full(1000, t.rank + 1, dtype=cp.float32)
+    t.iallreduce(v).wait()
+    assert bool((v == t.size * (t.size + 1) / 2).all())
+    q = cp.full(8, -1, cp.float32)  # a shorter message leaves the rest of the buffer alone
+    h = [t.irecv(q, None, Channel.BENCH),
+         t.isend(cp.full(3, t.rank, cp.float32), (t.rank + 1) % t.size, Channel.BENCH)]
+    for handle in h:
+        handle.wait()
+    assert h[0].nbytes == 12 and bool((q[:3] == (t.rank - 1) % t.size).all())
+    assert bool((q[3:] == -1).all())
     assert t.staging.leased == 0
 t.free()
 assert len(t.staging) == 0

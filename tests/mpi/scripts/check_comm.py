@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from mpiopt.comm.transport import Channel, CommTimeout, Transport, wait_all
+from mpiopt.comm.transport import Channel, CommTimeout, Transport, test_some, wait_all, wait_any
 from mpiopt.comm.windows import SharedWindow, Window
 
 t = Transport(timeout=30)
@@ -61,6 +61,128 @@ def check_point_to_point():
     handles = [t.irecv(got, left, Channel.MODEL), t.isend(out, right, Channel.MODEL)]
     wait_all(handles)
     assert all(h.test() for h in handles)
+    assert handles[0].source == left and handles[0].channel is Channel.MODEL
+
+
+def check_received_bytes_are_what_arrived():
+    """A receive counts the message's real size when it completes, not its buffer at post."""
+    right, left = (r + 1) % n, (r - 1) % n
+    t.reset_stats()
+    buf = np.full(10, -1.0)
+    h = t.irecv(buf, left, Channel.MODEL)
+    assert t.stats[Channel.MODEL].recv == 0  # posted, nothing has arrived yet
+    wait_all([h, t.isend(np.full(3, float(r)), right, Channel.MODEL)])
+    assert h.nbytes == 24 and t.stats[Channel.MODEL].recv == 24 and t.bytes_recv() == 24
+    assert np.all(buf[:3] == left) and np.all(buf[3:] == -1.0), buf
+
+
+def check_cancel():
+    """Cancelling a receive nobody answers, and a send nobody takes, ends by its deadline."""
+    t.step = 9
+    right, left = (r + 1) % n, (r - 1) % n
+    t.reset_stats()
+    h = t.irecv(np.zeros(4), left, Channel.VOTE)  # nobody sends on VOTE here
+    t0 = time.monotonic()
+    assert h.cancel(timeout=1.0) is True
+    assert time.monotonic() - t0 < 6.0
+    assert h.done and h.cancelled and h.nbytes is None and t.stats[Channel.VOTE].recv == 0
+    h.wait()  # a cancelled handle is done: waiting returns at once
+    # 1 MiB goes by rendezvous: MPICH can cancel it only on this rank (n == 1), and it cannot
+    # complete while the receiver has not posted a receive (it posts one after the allgather).
+    big = np.ones(1 << 17)
+    h = t.isend(big, right, Channel.BENCH)
+    t0 = time.monotonic()
+    try:
+        outcome = h.cancel(timeout=0.5)
+    except CommTimeout as exc:
+        outcome = None
+        where = f"(peer {right}, tag BENCH, step 9)"
+        assert f"send could not be cancelled within 0.5 s {where}" in str(exc), exc
+        assert not h.done and not h.cancelled
+    assert 0 <= time.monotonic() - t0 < 6.0
+    if outcome is True:
+        assert h.cancelled and t.stats[Channel.BENCH].sent == 0
+    outcomes = t.allgather_obj(outcome)
+    if outcomes[left] is not True:  # the message exists: take it, as a stop protocol would
+        got = np.zeros_like(big)
+        t.irecv(got, left, Channel.BENCH).wait()
+        assert np.all(got == 1.0)
+    h.wait()
+    assert h.done and h.cancel() is (outcome is True)
+    t.step = -1
+
+
+def check_any_source():
+    """Rank 0 receives one message from every other rank, sent in random order, from anyone."""
+    rng = np.random.default_rng([r, 12])
+    kinds = (Channel.MODEL, Channel.GRADIENT, Channel.GOSSIP)
+    if r == 0:
+        bufs = [np.zeros(5) for _ in range(n - 1)]
+        handles = [t.irecv(b, None, None) for b in bufs]
+        seen = {}
+        while (i := wait_any(handles, timeout=20)) is not None:
+            assert i not in seen.values(), (i, seen)
+            h = handles[i]
+            assert h.source not in seen and h.channel is kinds[h.source % 3], (h.source, seen)
+            assert np.all(bufs[i] == h.source) and h.nbytes == 40
+            seen[h.source] = i
+        assert sorted(seen) == list(range(1, n)) and all(h.done for h in handles)
+        assert wait_any([]) is None and test_some(handles) == []
+    else:
+        time.sleep(rng.uniform(0, 0.02))
+        t.isend(np.full(5, float(r)), 0, kinds[r % 3]).wait()
+    t.barrier()
+    # Again on one channel, polling with test_some: every index once, every source once.
+    if r == 0:
+        handles = [t.irecv(np.zeros(2), None, Channel.GOSSIP) for _ in range(n - 1)]
+        order = []
+        deadline = time.monotonic() + 20
+        while len(order) < n - 1 and time.monotonic() < deadline:
+            order += test_some(handles)
+            time.sleep(1e-3)
+        assert sorted(order) == list(range(n - 1)), order
+        assert sorted(h.source for h in handles) == list(range(1, n))
+    else:
+        time.sleep(rng.uniform(0, 0.02))
+        t.isend(np.full(2, float(r)), 0, Channel.GOSSIP).wait()
+
+
+def check_wait_any_deadline():
+    """wait_any on receives nobody answers raises at its deadline naming each of them."""
+    t.step = 11
+    left = (r - 1) % n
+    handles = [t.irecv(np.zeros(1), left, Channel.EVAL), t.irecv(np.zeros(1), None, Channel.BENCH)]
+    t0 = time.monotonic()
+    try:
+        wait_any(handles, timeout=0.3)
+    except CommTimeout as exc:
+        text = str(exc)
+        assert "wait_any timed out after 0.3 s at step 11" in text, text
+        assert f"receive (peer {left}, tag EVAL, step 11)" in text, text
+        assert "receive (peer any, tag BENCH, step 11)" in text, text
+    else:
+        raise AssertionError("wait_any returned although nobody sent")
+    assert 0.3 <= time.monotonic() - t0 < 6.0
+    assert test_some(handles) == []
+    assert all(h.cancel() for h in handles)
+    assert wait_any(handles) is None
+    t.step = -1
+
+
+def check_iallreduce():
+    """The nonblocking allreduce equals numpy's sum of every rank's vector."""
+    every = [np.random.default_rng([q, 7]).integers(-1000, 1000, 333).astype(np.float32)
+             for q in range(n)]
+    x = every[r].copy()
+    t.reset_stats()
+    h = t.iallreduce(x)
+    expect = int(2 * (n - 1) * x.nbytes / n)
+    assert t.stats[Channel.GRADIENT].sent == expect == t.stats[Channel.GRADIENT].recv
+    h.wait()
+    assert np.array_equal(x, np.sum(every, axis=0)), np.abs(x - np.sum(every, axis=0)).max()
+    m = np.array([float(r), -float(r)])
+    t.iallreduce(m, Channel.CONTROL, op="max").wait()
+    assert m[0] == n - 1 and m[1] == 0
 
 
 def check_deadline():
@@ -133,10 +255,19 @@ def check_split():
     half.allreduce(x)
     assert x[0] == len(range(r % 2, n, 2))
     half.free()
+    workers = t.split(None if r == 0 else 1)  # rank 0, a server, stays out of the workers'
+    if r == 0:
+        assert workers is None
+    else:
+        assert (workers.rank, workers.size) == (r - 1, n - 1)
+        assert workers.allreduce_scalar(float(r)) == n * (n - 1) / 2
+        workers.free()
 
 
-for check in (check_allreduce, check_collectives, check_point_to_point, check_deadline,
-              check_window, check_shared, check_split):
+for check in (check_allreduce, check_collectives, check_point_to_point,
+              check_received_bytes_are_what_arrived, check_cancel, check_any_source,
+              check_wait_any_deadline, check_iallreduce, check_deadline, check_window,
+              check_shared, check_split):
     check()
     t.barrier()
 if r == 0:

@@ -18,8 +18,8 @@ class StandIn:
 
     __module__ = "cupy_stand_in"
 
-    def __init__(self, values):
-        self._a = np.array(values)
+    def __init__(self, values, view=False):
+        self._a = values if view else np.array(values)
 
     shape = property(lambda self: self._a.shape)
     dtype = property(lambda self: self._a.dtype)
@@ -33,6 +33,12 @@ class StandIn:
     def set(self, host):
         assert host.shape == self._a.shape and host.dtype == self._a.dtype
         self._a[...] = host
+
+    def reshape(self, *shape):
+        return StandIn(self._a.reshape(*shape), view=True)
+
+    def __getitem__(self, index):
+        return StandIn(self._a[index], view=True)
 
     def host(self):
         return self._a.copy()
@@ -88,16 +94,30 @@ def check_nonblocking_collectives():
     h = t.iallgather(StandIn(np.full(4, float(r))), every)
     b = StandIn(np.arange(3.0) if r == 0 else np.zeros(3))
     g = t.ibcast(b, root=0)
-    wait_all([h, g])
+    x = StandIn(np.full((2, 3), r + 1.0))
+    s = t.iallreduce(x)
+    wait_all([h, g, s])
     assert np.array_equal(every.host()[:, 0], np.arange(n, dtype=np.float64))
     assert np.array_equal(b.host(), np.arange(3.0))
+    assert np.all(x.host() == n * (n + 1) / 2) and synced[-1] is x
+    settled()
+
+
+def check_short_message_keeps_the_rest_of_the_buffer():
+    # A staged receive copies back only what arrived, as MPI receiving directly would.
+    right, left = (r + 1) % n, (r - 1) % n
+    got = StandIn(np.full((2, 4), -1.0))
+    h = t.irecv(got, None, Channel.MODEL)
+    wait_all([h, t.isend(StandIn(np.full(3, float(r))), right, Channel.MODEL)])
+    assert h.source == left and h.nbytes == 24
+    assert np.all(got.host().ravel()[:3] == left) and np.all(got.host().ravel()[3:] == -1.0)
     settled()
 
 
 def check_cancelled_receive_returns_its_lease():
     h = t.irecv(StandIn(np.zeros(16)), r, Channel.BENCH)  # nobody sends on BENCH
     assert t.staging.leased == 1
-    h.cancel()
+    assert h.cancel() is True and t.stats[Channel.BENCH].recv == 0
     settled()
 
 
@@ -112,6 +132,7 @@ def check_shapes_change_at_one_size():
 check_blocking()
 check_sends_in_flight_do_not_share_a_host_array()
 check_nonblocking_collectives()
+check_short_message_keeps_the_rest_of_the_buffer()
 check_cancelled_receive_returns_its_lease()
 check_shapes_change_at_one_size()
 t.barrier()
