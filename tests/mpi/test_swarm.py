@@ -45,8 +45,10 @@ def _cases(mode, quantize, topologies, *options):
     (4, _cases("pull", "lattice16", ["ring", "complete"], "get")
      + _cases("pull", "lattice16", ["ring", "complete"], "locks")),
     (5, _cases("pairwise", "lattice16", ["ring", "random_regular:2"])),
-    (6, _cases("pull", "lattice8", ["random_regular:3", "torus"])
-     + _cases("pairwise", "fp16", ["torus", "complete"])),
+    # Eight ranks on two cores: many concurrent partners adding into one inbox.
+    (8, _cases("pull", "lattice8", ["random_regular:3", "torus"])
+     + _cases("pairwise", "fp16", ["torus", "complete"])
+     + _cases("pairwise", "none", ["complete"], "get")),
 ])
 def test_averaging_with_lr_zero(n, cases):
     _check_averaging(n, cases)
