@@ -169,9 +169,8 @@ class Board:
         win.get(self._seen.view(np.uint8), rank, 0, channel, left())
         c = int(self._seen[1])
         offsets = self.offsets[c % self.k]
-        handles = [win.iget(buf, rank, offsets[key], channel) for buf, key in targets]
-        for h in handles:
-            win._finish(h, left())
+        win.wait_all([win.iget(buf, rank, offsets[key], channel) for buf, key in targets],
+                     left())
         # Only after the slot has arrived: a Get has no order against another.
         win.get(self._again.view(np.uint8), rank, 0, channel, left())
         return int(self._again[0]), c

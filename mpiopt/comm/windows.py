@@ -45,7 +45,7 @@ import threading
 import numpy as np
 from mpi4py import MPI
 
-from mpiopt.comm.transport import Channel, CommTimeout, Handle, Transport
+from mpiopt.comm.transport import Channel, CommTimeout, Handle, Transport, wait_all
 
 _LOCKS = {"exclusive": MPI.LOCK_EXCLUSIVE, "shared": MPI.LOCK_SHARED}
 _OPS = {"sum": MPI.SUM, "replace": MPI.REPLACE, "no_op": MPI.NO_OP, "max": MPI.MAX,
@@ -68,15 +68,18 @@ def _mpi_type(dtype: np.dtype):
     return MPI._typedict[dtype.char]
 
 
-def _free_collective(transport: Transport, win, name: str, timeout: float | None,
-                     before=None) -> None:
-    """Free ``win`` once every rank has arrived (an ibarrier polled under the deadline)."""
-    arrived = transport.ibarrier(Channel.CONTROL)
-    arrived.what = f"free of window '{name}': barrier"
-    arrived.wait(timeout)
-    if before is not None:
-        before()
-    transport._call(f"free of window '{name}'", "all", Channel.CONTROL, 0, 0, win.Free)
+def _free_collective(owner, timeout: float | None, before) -> None:
+    """Free ``owner.win`` once every rank has arrived (an ibarrier polled under the deadline).
+
+    A free that timed out may be called again: it waits for the same barrier.
+    """
+    t = owner.transport
+    if owner._arrival is None:
+        owner._arrival = t.ibarrier(Channel.CONTROL)
+        owner._arrival.what = f"free of window '{owner.name}': barrier"
+    owner._arrival.wait(timeout)
+    before()
+    t._call(f"free of window '{owner.name}'", "all", Channel.CONTROL, 0, 0, owner.win.Free)
 
 
 class Window:
@@ -112,6 +115,7 @@ class Window:
         self._views: dict = {}
         self._held: dict[int, str] = {}  # ranks locked now (locks mode)
         self._orphans: list[Handle] = []  # operations that timed out, completed at free
+        self._arrival: Handle | None = None  # the barrier before Win.Free
         transport.barrier()  # everyone's memory is zeroed before anyone reads it
         if sync == "epoch":
             self.win.Lock_all(MPI.MODE_NOCHECK)
@@ -227,10 +231,17 @@ class Window:
                       self.channel if channel is None else channel)
 
     def _finish(self, handle: Handle, timeout: float | None) -> None:
+        self.wait_all([handle], timeout)
+
+    def wait_all(self, handles: list[Handle], timeout: float | None = None) -> None:
+        """Wait for operations started on this window, all under one deadline.
+
+        On CommTimeout the unfinished ones stay in MPI's hands; :meth:`free` completes them.
+        """
         try:
-            handle.wait(timeout)
+            wait_all(handles, timeout)
         except CommTimeout:
-            self._orphans.append(handle)  # still in MPI's hands: completed by free()
+            self._orphans.extend(h for h in handles if not h.done)
             raise
 
     def _target(self, offset: int, count: int):
@@ -316,7 +327,7 @@ class Window:
                 self.transport._call(f"unlock_all of window '{self.name}'", "all",
                                      self.channel, 0, 0, self.win.Unlock_all)
 
-        _free_collective(self.transport, self.win, self.name, timeout, close)
+        _free_collective(self, timeout, close)
         self.local = None
         self._views = {}
 
@@ -350,6 +361,7 @@ class SharedWindow:
         self._views = [self._segment(r) for r in range(transport.size)]
         self.local = self._views[transport.rank]
         self.local[:] = 0
+        self._arrival: Handle | None = None  # the barrier before Win.Free
         self.win.Lock_all(MPI.MODE_NOCHECK)
         self.win.Sync()
         transport.barrier()  # every segment is zeroed before anyone reads it
@@ -394,9 +406,9 @@ class SharedWindow:
         """Release the shared memory (collective over the node's ranks)."""
         if self.win == MPI.WIN_NULL:
             return
+        _free_collective(self, timeout, self.win.Unlock_all)
         self._views = []
         self.local = None
-        _free_collective(self.transport, self.win, self.name, timeout, self.win.Unlock_all)
 
 
 class ProgressThread:

@@ -236,11 +236,13 @@ def check_board():
         board.free()
 
 
-def check_deadline_of_a_get():
-    """A Get from a partner that stays outside MPI raises CommTimeout at its deadline.
+def check_rma_deadlines():
+    """A Get from a partner outside MPI, and a free it has not reached, time out cleanly.
 
-    Meaningful only where one-sided operations need the target's progress (the emulated
-    cross-node setting); odd ranks sleep in Python, even ranks read them.
+    Odd ranks sleep in Python, even ranks read them. The Get is meaningful only where
+    one-sided operations need the target's progress (the emulated cross-node setting): it must
+    raise CommTimeout naming peer, window and step. The free's barrier cannot complete while a
+    rank sleeps in any setting: a free that timed out is called again and then succeeds.
     """
     w = Window(t, 16, np.float32, name="stalled")
     t.step = 42
@@ -253,18 +255,23 @@ def check_deadline_of_a_get():
     elif r + 1 < n:
         t.irecv(flag, r + 1, Channel.CONTROL).wait()
         t0 = time.monotonic()
-        try:
-            w.get(np.empty(16, np.float32), r + 1, timeout=0.4)
-        except CommTimeout as exc:
-            text = str(exc)
-            assert f"peer {r + 1}" in text and "window 'stalled'" in text, text
-            assert "step 42" in text, text
-        else:
-            raise AssertionError("a Get of a sleeping partner completed")
-        assert 0.4 <= time.monotonic() - t0 < 1.6, time.monotonic() - t0
+        _expect_timeout(lambda: w.get(np.empty(16, np.float32), r + 1, timeout=0.4),
+                        [f"peer {r + 1}", "get of window 'stalled'", "step 42"])
+        assert 0.4 <= time.monotonic() - t0 < 1.2, time.monotonic() - t0
+        _expect_timeout(lambda: w.free(timeout=0.3),
+                        ["free of window 'stalled'", "peer all", "step 42"])
+        assert time.monotonic() - t0 < 1.8, time.monotonic() - t0
     t.step = -1
-    t.barrier()
-    w.free()  # completes the timed-out Get now that its target is inside MPI
+    w.free()  # completes the timed-out Get once its target is inside MPI again
+
+
+def _expect_timeout(fn, names):
+    try:
+        fn()
+    except CommTimeout as exc:
+        assert all(name in str(exc) for name in names), (str(exc), names)
+    else:
+        raise AssertionError(f"no CommTimeout naming {names}")
 
 
 def check_split():
@@ -281,7 +288,7 @@ checks = [check_allreduce, check_collectives, check_point_to_point, check_deadli
           check_shared, lambda: check_fetch_and_add(_shared_counters), check_inbox,
           check_board, check_split]
 if REMOTE:
-    checks.append(check_deadline_of_a_get)
+    checks.append(check_rma_deadlines)
 for check in checks:
     check()
     t.barrier()
