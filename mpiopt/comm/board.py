@@ -63,6 +63,8 @@ class Board:
                  locks: bool = False):
         if slots < 2:
             raise ValueError(f"board '{name}': slots must be at least 2, got {slots}")
+        if "" in regions:
+            raise ValueError(f"board '{name}': region names must not be empty")
         self.t, self.name, self.k, self.locks = transport, name, int(slots), locks
         self.direct = direct and not locks
         self.sizes = {key: int(a.nbytes) for key, a in regions.items()}
@@ -119,7 +121,8 @@ class Board:
              timeout: float | None = None) -> int:
         """Fill ``out`` (name -> array) from ``rank``'s last publish; return its step.
 
-        Retries a torn read; raises CommTimeout (naming the peer, the board and the step) if
+        Before ``rank``'s first publish the regions read as zeros, with step 0. Retries a
+        torn read; raises CommTimeout (naming the peer, the board and the step) if
         no consistent copy is read within ``timeout`` (default: the transport's).
         """
         limit = self.t.timeout if timeout is None else timeout

@@ -57,11 +57,14 @@ class WindowModeError(RuntimeError):
     """A window method was called where its synchronisation mode does not allow it."""
 
 
-def _info(hints: dict):
+def _allocate(factory, nbytes: int, unit: int, comm):
+    """Create a window with ``factory`` and the ``accumulate_ops`` hint (see module doc)."""
     info = MPI.Info.Create()
-    for key, value in hints.items():
-        info.Set(key, value)
-    return info
+    info.Set("accumulate_ops", "same_op_no_op")
+    try:
+        return factory(nbytes, unit, info, comm=comm)
+    finally:
+        info.Free()
 
 
 def _mpi_type(dtype: np.dtype):
@@ -104,10 +107,8 @@ class Window:
         self.transport, self.channel, self.name, self.sync_mode = transport, channel, name, sync
         self.dtype = np.dtype(dtype)
         self.count = int(count)
-        self.win = MPI.Win.Allocate(max(self.count, 1) * self.dtype.itemsize,
-                                    self.dtype.itemsize,
-                                    _info({"accumulate_ops": "same_op_no_op"}),
-                                    comm=transport.comm)
+        self.win = _allocate(MPI.Win.Allocate, max(self.count, 1) * self.dtype.itemsize,
+                             self.dtype.itemsize, transport.comm)
         self.win.Set_name(name)
         self.local = np.frombuffer(self.win.tomemory(), dtype=self.dtype)[: self.count]
         self.local[:] = 0
@@ -352,10 +353,8 @@ class SharedWindow:
                  name: str = "shared"):
         self.transport, self.name = transport, name
         self.dtype = np.dtype(dtype)
-        self.win = MPI.Win.Allocate_shared(int(count) * self.dtype.itemsize,
-                                           self.dtype.itemsize,
-                                           _info({"accumulate_ops": "same_op_no_op"}),
-                                           comm=transport.comm)
+        self.win = _allocate(MPI.Win.Allocate_shared, int(count) * self.dtype.itemsize,
+                             self.dtype.itemsize, transport.comm)
         self.win.Set_name(name)
         self.counts = transport.comm.allgather(int(count))
         self._views = [self._segment(r) for r in range(transport.size)]
