@@ -331,12 +331,19 @@ class AsynchronousAlgorithm(ModelAlgorithm):
     that shows no progress for ``run.comm_timeout_s``. After every rank has stopped,
     :meth:`finish` releases what the method holds, and the final evaluation is collective.
     Mid-run evaluations are rank 0's alone (:meth:`evaluate_running`): nobody else waits.
-    A method is its ``setup``, ``step``, ``serve`` and ``finish``.
+    A method is its ``setup``, ``step``, ``settle``, ``serve`` and ``finish``.
     """
 
     def step(self, step: int, lr: float) -> float:
         """Do one local step, with its own communication; return the minibatch loss."""
         raise NotImplementedError
+
+    def settle(self) -> None:
+        """Complete this rank's operations towards the others before it waits at the stop.
+
+        One-sided writes into peers' windows (corrections, updates) complete at their targets
+        only when flushed; a rank that has stopped must leave nothing in flight.
+        """
 
     def serve(self) -> None:
         """Do, while waiting at the stop, what the others may still need from this rank."""
@@ -366,6 +373,7 @@ class AsynchronousAlgorithm(ModelAlgorithm):
             if ctx.rank == 0 and ctx.eval_due(step):
                 ctx.record_eval(step, self.evaluate_running(step))
             step += 1
+        self.settle()
         stop.wait(self.serve)
         stop.free()
         self.finish()

@@ -4,13 +4,14 @@ Every rank, with no rounds and no barriers: take ``H`` local SGD steps (momentum
 ``H`` fixed or geometric with mean ``H``), then pick a neighbour uniformly at random in the
 topology and average with it.
 
-Publishing and reading. Each rank publishes its model into its own RMA window after every
-step: the encoded copy (``quantize``) and the float32 copy, in a ring of ``publish_slots``
-slots (default 2), with counters of publishes started and completed. A reader gets the
-counters, the slot of the last completed publish and the counters again; the copy is
-consistent unless the publisher has meanwhile started rewriting that slot (a sequence lock over
-K buffers: the publisher never waits, and a reader retries only if its read spans K - 1 whole
-steps of the publisher; more slots help where a read is slow against a step, as over TCP).
+Publishing and reading. Each rank publishes its model on a publication board
+(:class:`~mpiopt.comm.board.Board`) after every step: the encoded copy (``quantize``) and the
+float32 copy, in a ring of ``publish_slots`` slots (default 2), with counters of publishes
+started and completed. A reader gets the counters, the slot of the last completed publish and
+the counters again; the copy is consistent unless the publisher has meanwhile started rewriting
+that slot (a sequence lock over K buffers: the publisher never waits, and a reader retries only
+if its read spans K - 1 whole steps of the publisher; more slots help where a read is slow
+against a step, as over TCP).
 
 The windows live in one passive-target epoch opened with ``MPI_MODE_NOCHECK`` for the whole
 run, so no operation waits for a lock: within a node MPICH reads the partner's memory directly
@@ -26,9 +27,11 @@ Modes. ``pull`` (the authors' code): the initiator averages its own model with t
 copy, ``x_i <- (x_i + x_j)/2``; the partner does nothing. ``pairwise``: both ends move to the
 average; the initiator also adds ``(x_i - x_j)/2`` into the partner's inbox window with
 ``Accumulate(SUM)`` (one-sided, so the partner never waits or is waited for), and every rank
-drains its inbox each step with an atomic swap (``Get_accumulate(REPLACE)``). The sum of all
-models is preserved exactly in real arithmetic, staleness included, because both ends use the
-same decoded copy ``x_j``.
+drains its inbox each step (:class:`~mpiopt.comm.board.Inbox`: an atomic read with
+``Get_accumulate(NO_OP)``, then ``Accumulate(SUM)`` of minus what it read, so only ops that the
+window's ``accumulate_ops`` hint keeps atomic together meet). The sum of all models is
+preserved in real arithmetic, staleness included, because both ends use the same decoded copy
+``x_j``.
 
 Quantization (``quantize``): ``fp16``, or the lattice scheme ``lattice16``/``lattice8``
 (``z = round(x/eps) mod q``, decoded against the reader's own model). A violated distance bound
@@ -46,8 +49,9 @@ import numpy as np
 
 from mpiopt.algorithms import ALGORITHMS
 from mpiopt.algorithms.base import AsynchronousAlgorithm, GraphKeys
-from mpiopt.comm.transport import Channel, CommTimeout, async_progress_enabled
-from mpiopt.comm.windows import ProgressThread, Window
+from mpiopt.comm.board import Board, Inbox
+from mpiopt.comm.transport import Channel, async_progress_enabled
+from mpiopt.comm.windows import ProgressThread
 from mpiopt.compressors import make_compressor
 from mpiopt.compressors.lattice import LatticeBoundError
 from mpiopt.config import check_ranks, param
@@ -56,141 +60,6 @@ from mpiopt.errors import ConfigError
 MODES = ("pull", "pairwise")
 PROGRESS = ("auto", "thread", "none")
 QUANTIZERS = ("none", "fp16", "lattice16", "lattice8")
-_HEADER = 24  # int64 publishes started, publishes completed, step
-
-
-def _align(n: int) -> int:
-    return (n + 7) // 8 * 8
-
-
-class _Published:
-    """This rank's window and reads of any rank's.
-
-    Layout: a header of three int64 (publishes started, publishes completed, step), then K
-    slots, each holding the encoded copy and the float32 copy. Publish ``p`` writes slot
-    ``p % K`` between raising ``started`` and ``completed`` to ``p``. A reader takes the slot of
-    the last completed publish ``c`` and re-reads ``started`` afterwards: the copy is
-    consistent unless publish ``c + K`` (the next to reuse that slot) had started, so a read
-    only has to finish within K - 1 whole steps of the publisher, not within its write.
-    """
-
-    def __init__(self, transport, d: int, compressor, xp, direct: bool = True,
-                 slots: int = 2, locks: bool = False):
-        self.t, self.d, self.comp = transport, d, compressor
-        self.direct = direct and not locks
-        self.k, self.locks = int(slots), locks
-        self.payload = compressor.empty_payload(d, xp) if compressor else None
-        self.peer_payload = compressor.empty_payload(d, xp) if compressor else None
-        buffers = self.payload.buffers if compressor else ()
-        self.offsets, self.fp32_offsets, off = [], [], _HEADER
-        for _ in range(self.k):
-            slot = []
-            for buf in buffers:
-                slot.append(off)
-                off = _align(off + buf.nbytes)
-            self.offsets.append(slot)
-            self.fp32_offsets.append(off)
-            off = _align(off + 4 * d)
-        self.win = Window(transport, off, np.uint8, Channel.GOSSIP)
-        local = self.win.local
-        self.header = local[:_HEADER].view(np.int64)
-        self.slots = [[local[o: o + b.nbytes] for o, b in zip(self.offsets[k], buffers)]
-                      for k in range(self.k)]
-        self.fp32 = [local[o: o + 4 * d].view(np.float32) for o in self.fp32_offsets]
-        self.seen = np.zeros(3, np.int64)
-        self.again = np.zeros(3, np.int64)
-        self.retries = 0
-        if not locks:
-            self.win.open_epoch()
-
-    def publish(self, x, step: int) -> None:
-        """Write ``x`` (encoded and float32) into the next slot of our window."""
-        if self.locks:  # the authors' protocol: an exclusive lock on our own window
-            with self.win.locked(self.t.rank, "exclusive"):
-                self._write(x, step)
-        else:
-            self._write(x, step)
-
-    def _write(self, x, step: int) -> None:
-        win, h = self.win, self.header
-        p = int(h[1]) + 1
-        h[0] = p  # started
-        win.sync_local()
-        k = p % self.k
-        if self.comp is not None:
-            payload, _ = self.comp.compress(x, (), out=self.payload)
-            for slot, buf in zip(self.slots[k], payload.buffers):
-                slot[...] = buf.reshape(-1).view(np.uint8)
-        self.fp32[k][...] = x
-        win.sync_local()
-        h[2] = step
-        h[1] = p  # completed
-        win.sync_local()
-
-    def _snapshot(self, rank: int, regions, channel, deadline: float) -> int:
-        """Read a consistent copy of ``rank``'s last publish; return the publisher's step.
-
-        ``regions(slot)`` lists (uint8 view to fill, offset) pairs of that slot. A peer on
-        this node is read by plain loads from its window memory; others by ``Get``.
-        """
-        win = self.win
-        view = win.shared_view(rank) if self.direct else None
-        while True:
-            if view is not None:
-                head = view[:_HEADER].view(np.int64)
-                c, step = int(head[1]), int(head[2])
-                win.sync_local()  # a memory barrier between the loads
-                nbytes = _HEADER
-                for out, off in regions(c % self.k):
-                    out[...] = view[off: off + out.size]
-                    nbytes += out.size
-                win.sync_local()
-                started = int(head[0])
-                win.charge(rank, nbytes + _HEADER, channel)
-            elif self.locks:  # the authors' protocol: a shared lock on the partner's window
-                with win.locked(rank, "shared"):
-                    started, c, step = self._get(rank, regions, channel)
-            else:
-                started, c, step = self._get(rank, regions, channel)
-            if started < c + self.k:
-                return step
-            self.retries += 1
-            if time.monotonic() > deadline:
-                raise CommTimeout(f"swarm read of rank {rank}'s model found no consistent copy "
-                                  f"within the deadline (peer {rank}, tag GOSSIP, step "
-                                  f"{self.t.step})")
-
-    def _get(self, rank: int, regions, channel) -> tuple[int, int, int]:
-        """Get the counters, the last completed slot and the counters again (flushed)."""
-        win = self.win
-        win.get(self.seen.view(np.uint8), rank, 0, channel)
-        win.flush(rank)
-        c, step = int(self.seen[1]), int(self.seen[2])
-        for out, off in regions(c % self.k):
-            win.get(out, rank, off, channel)
-        win.flush(rank)
-        win.get(self.again.view(np.uint8), rank, 0, channel)
-        win.flush(rank)
-        return int(self.again[0]), c, step
-
-    def read_fp32(self, rank: int, out, channel=None, timeout: float = 300.0):
-        """Read ``rank``'s float32 copy into ``out``."""
-        view = out.view(np.uint8)
-        self._snapshot(rank, lambda k: [(view, self.fp32_offsets[k])], channel,
-                       time.monotonic() + timeout)
-        return out
-
-    def read_encoded(self, rank: int, timeout: float = 300.0):
-        """Read ``rank``'s encoded copy; return the payload (valid until the next read)."""
-        views = [b.reshape(-1).view(np.uint8) for b in self.peer_payload.buffers]
-        self._snapshot(rank, lambda k: list(zip(views, self.offsets[k])), None,
-                       time.monotonic() + timeout)
-        return self.peer_payload
-
-    def free(self) -> None:
-        self.win.free()
-
-
 class Gossip:
     """The averaging machinery of one rank: publish, pairwise average, drain, stop.
 
@@ -217,9 +86,14 @@ class Gossip:
                  progress_interval: float = 1e-3, slots: int = 2, locks: bool = False):
         self.t, self.topology, self.comp = transport, topology, compressor
         self.neighbors = topology.neighbors(transport.rank)
-        self.pub = _Published(transport, d, compressor, np, direct_reads, slots, locks)
+        self.payload = compressor.empty_payload(d, np) if compressor else None
+        self.peer_payload = compressor.empty_payload(d, np) if compressor else None
+        self.peer = np.empty(d, np.float32)
+        self.board = Board(transport, {**self._encoded(self.payload), "fp32": self.peer},
+                           slots, "swarm.model", Channel.GOSSIP, direct_reads, locks)
         readers = (set(self.neighbors) | {0}) - {transport.rank}
-        self.remote_readers = sorted(r for r in readers if self.pub.win.shared_view(r) is None)
+        self.remote_readers = sorted(r for r in readers
+                                     if self.board.win.shared_view(r) is None)
         # progress: thread below thread level multiple is refused by SwarmConfig.check_world
         # (and by ProgressThread.start); auto then falls back to the per-step entry into MPI.
         needed = progress == "auto" and bool(self.remote_readers) and \
@@ -235,11 +109,8 @@ class Gossip:
                   " = 'multiple'.", flush=True)
         self.inbox = None
         if mode == "pairwise":
-            self.inbox = Window(transport, d, np.float32, Channel.GOSSIP)
-            self.inbox.open_epoch()
-            self.zeros = np.zeros(d, np.float32)
+            self.inbox = Inbox(transport, d, np.float32, "swarm.inbox", Channel.GOSSIP)
             self.drained = np.zeros(d, np.float32)
-        self.peer = np.empty(d, np.float32)
         self.corr = np.empty(d, np.float32)
         self.interactions = self.fallbacks = 0
         self.blocked_s = self.longest_s = 0.0
@@ -251,17 +122,35 @@ class Gossip:
         here rather than in the first interaction: a rank that stops for seconds mid-run to
         compile drags its partners back to its stale model.
         """
-        self.pub.publish(x, -1)
+        self._publish(x, -1)
         if self.comp is not None:
-            self._decode(self.pub.payload, x)
+            self._decode(self.payload, x)
         if self.progress is not None:
             self.progress.start()
         self.t.barrier()
 
+    @staticmethod
+    def _encoded(payload) -> dict:
+        """Name the buffers of an encoded copy as board regions (none for float32)."""
+        return {f"enc{i}": b for i, b in enumerate(payload.buffers)} if payload else {}
+
+    def _publish(self, x, step: int) -> None:
+        """Write ``x`` (encoded and float32) into the next slot of our board."""
+        values = {"fp32": x}
+        if self.comp is not None:
+            payload, _ = self.comp.compress(x, (), out=self.payload)
+            values.update(self._encoded(payload))
+        self.board.publish(values, step)
+
     def publish(self, x, step: int) -> None:
         """Publish ``x`` and enter MPI briefly (progress for peers on other nodes)."""
-        self.pub.publish(x, step)
-        self.pub.win.progress()
+        self._publish(x, step)
+        self.board.progress()
+
+    def read_fp32(self, j: int, out, channel=None):
+        """Read partner ``j``'s published float32 copy into ``out``."""
+        self.board.read(j, {"fp32": out}, channel, self.t.timeout)
+        return out
 
     def _decode(self, payload, x):
         """Decode ``payload`` into ``self.peer`` (the lattice against our own model ``x``)."""
@@ -271,14 +160,14 @@ class Gossip:
 
     def read(self, j: int, x):
         """Return partner ``j``'s published model as float32 (decoded against ``x``)."""
-        timeout = self.t.timeout
         if self.comp is None:
-            return self.pub.read_fp32(j, self.peer, timeout=timeout)
+            return self.read_fp32(j, self.peer)
+        self.board.read(j, self._encoded(self.peer_payload), None, self.t.timeout)
         try:
-            self._decode(self.pub.read_encoded(j, timeout), x)
+            self._decode(self.peer_payload, x)
         except LatticeBoundError:
             self.fallbacks += 1
-            self.pub.read_fp32(j, self.peer, timeout=timeout)
+            self.read_fp32(j, self.peer)
         return self.peer
 
     def interact(self, x, rng) -> int:
@@ -286,32 +175,30 @@ class Gossip:
         if not self.neighbors:
             return -1
         j = self.topology.random_neighbor(self.t.rank, rng)
-        t0 = time.perf_counter()
+        t0, inside = time.perf_counter(), self.t.comm_seconds()
         peer = self.read(j, x)
         if self.inbox is not None:  # pairwise: the partner moves by (x_i - x_j)/2 too
             np.subtract(x, peer, out=self.corr)
             self.corr *= 0.5
-            self.inbox.accumulate(self.corr, j)
-            self.inbox.flush(j)
+            self.inbox.add(self.corr, j)
             x -= self.corr
         else:
             x += peer
             x *= 0.5
         took = time.perf_counter() - t0
-        self.t._charge(Channel.GOSSIP, 0, 0, took)  # the step's communication time
+        # The whole interaction is the step's communication time; the waits inside MPI
+        # (polled RMA requests, locks) have charged their part already.
+        self.t._charge(Channel.GOSSIP, 0, 0, max(took - (self.t.comm_seconds() - inside), 0.0))
         self.blocked_s += took
         self.longest_s = max(self.longest_s, took)
         self.interactions += 1
         return j
 
     def drain(self, x) -> None:
-        """Pairwise: add what partners accumulated into our inbox (atomic swap with 0)."""
+        """Pairwise: add what partners accumulated into our inbox since the last drain."""
         if self.inbox is None:
             return
-        me = self.t.rank
-        self.inbox.swap(self.zeros, self.drained, me)
-        self.inbox.flush(me)
-        x += self.drained
+        x += self.inbox.drain(self.drained)
 
     def serve(self, x, step: int) -> None:
         """While waiting at the stop (pairwise): apply arriving corrections, republish.
@@ -321,13 +208,22 @@ class Gossip:
         """
         if self.inbox is not None:
             self.drain(x)
-            self.pub.publish(x, step)
+            self._publish(x, step)
+
+    def settle(self) -> None:
+        """Complete our corrections in the partners' inboxes (before waiting at the stop).
+
+        Every read of an interaction completes before it returns; the corrections added to
+        partners' inboxes complete at the targets only with a flush.
+        """
+        if self.inbox is not None:
+            self.inbox.settle()
 
     def stop(self, x) -> dict:
         """Release everything once every rank has stopped (collective); return the counters.
 
-        Every interaction flushes its operations, so nothing is outstanding; the last
-        corrections are applied and the windows freed.
+        Every rank settled its operations before the stop; others read nothing any more. The
+        last corrections are applied and the windows freed.
         """
         t = self.t
         if self.progress is not None:  # everyone is past its last operation
@@ -335,10 +231,10 @@ class Gossip:
         if self.inbox is not None:
             self.drain(x)
             self.inbox.free()
-        self.pub.free()
+        self.board.free()
         self.progress_comm.Free()
         mine = {"interactions": self.interactions, "fallbacks": self.fallbacks,
-                "retries": self.pub.retries, "blocked_s": self.blocked_s,
+                "retries": self.board.retries, "blocked_s": self.blocked_s,
                 "longest_s": self.longest_s, "gossip_bytes": t.stats[Channel.GOSSIP].recv,
                 "progress_thread": self.progress is not None,
                 "remote_readers": len(self.remote_readers)}
@@ -351,7 +247,7 @@ class Gossip:
             if r == self.t.rank:
                 out.append(x)
             else:
-                out.append(self.pub.read_fp32(r, np.empty_like(x), channel, self.t.timeout))
+                out.append(self.read_fp32(r, np.empty_like(x), channel))
         return out
 
 
@@ -390,6 +286,9 @@ class Swarm(AsynchronousAlgorithm):
         if self.slow:
             time.sleep(self.slow)
         return loss
+
+    def settle(self) -> None:
+        self.gossip.settle()
 
     def serve(self) -> None:
         self.gossip.serve(self.x, self.last)

@@ -50,8 +50,7 @@ class Termination:
         self.t = transport
         self.steps, self.time_limit, self.total_steps = steps, time_limit, total_steps
         self.clock = clock or _since(time.perf_counter())
-        self.win = Window(transport, 3, np.int64, Channel.CONTROL)
-        self.win.open_epoch()
+        self.win = Window(transport, 3, np.int64, Channel.CONTROL, name="heartbeat")
         self.beats = self.win.local
         self._seen = np.zeros(3, np.int64)
         self.step = 0
@@ -63,16 +62,14 @@ class Termination:
         if self.time_limit is not None and self.clock() >= self.time_limit:
             return False
         if self.total_steps is not None:
-            taken = self.win.fetch_and_add(1, 0, _TOTAL)
-            self.win.flush(0)
-            return int(taken) < self.total_steps
+            return int(self.win.fetch_and_add(1, 0, _TOTAL)) < self.total_steps
         return True
 
     def beat(self, steps_done: int) -> None:
         """Show the others that this rank has now taken ``steps_done`` steps."""
         self.beats[_STEPS] = steps_done
         self.step = steps_done
-        self.win.sync_local()
+        self.win.sync()
 
     def wait(self, serve=None) -> None:
         """Finish: wait until every rank has, serving meanwhile; raise if one is stuck.
@@ -82,7 +79,7 @@ class Termination:
                 towards them), or None.
         """
         self.beats[_DONE] = 1
-        self.win.sync_local()
+        self.win.sync()
         done = self.t.ibarrier(Channel.CONTROL)
         others = [r for r in range(self.t.size) if r != self.t.rank]
         last = {r: (-1, time.monotonic()) for r in others}
@@ -112,10 +109,9 @@ class Termination:
         """Return ``rank``'s steps taken and whether it has finished."""
         view = self.win.shared_view(rank)
         if view is not None:
-            self.win.sync_local()
+            self.win.sync()
             return int(view[_STEPS]), bool(view[_DONE])
         self.win.get(self._seen, rank, channel=Channel.CONTROL)
-        self.win.flush(rank)
         return int(self._seen[_STEPS]), bool(self._seen[_DONE])
 
     def free(self) -> None:

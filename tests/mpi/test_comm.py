@@ -8,9 +8,19 @@ from conftest import launch, python_script, run_check_script
 pytestmark = pytest.mark.mpi
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
-def test_transport_and_windows(n):
-    run_check_script(n, "check_comm.py", f"comm checks passed on {n} ranks", timeout=90)
+# Peers on another node, emulated on one machine (as in test_swarm.py): no shared memory, RMA
+# over TCP, so a one-sided operation completes only when its target enters MPI. There a
+# fetch-and-add that returns before completion returns garbage, and the script adds a Get of
+# a partner sleeping outside MPI, which must raise CommTimeout naming peer, window and step.
+OTHER_NODES = {"MPIR_CVAR_NOLOCAL": "1", "UCX_TLS": "tcp,self"}
+
+
+@pytest.mark.parametrize("n, remote", [(1, False), (2, True), (3, False), (4, True),
+                                       (5, False)])
+def test_transport_and_windows(n, remote):
+    passed = f"comm checks passed on {n} ranks" + ("; RMA deadline checked" if remote else "")
+    run_check_script(n, "check_comm.py", passed, env=OTHER_NODES if remote else None,
+                     timeout=90)
 
 
 # Below thread level multiple the watchdog thread must not call MPI (the main thread is inside

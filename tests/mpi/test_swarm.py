@@ -45,8 +45,10 @@ def _cases(mode, quantize, topologies, *options):
     (4, _cases("pull", "lattice16", ["ring", "complete"], "get")
      + _cases("pull", "lattice16", ["ring", "complete"], "locks")),
     (5, _cases("pairwise", "lattice16", ["ring", "random_regular:2"])),
-    (6, _cases("pull", "lattice8", ["random_regular:3", "torus"])
-     + _cases("pairwise", "fp16", ["torus", "complete"])),
+    # Eight ranks on two cores: many concurrent partners adding into one inbox.
+    (8, _cases("pull", "lattice8", ["random_regular:3", "torus"])
+     + _cases("pairwise", "fp16", ["torus", "complete"])
+     + _cases("pairwise", "none", ["complete"], "get")),
 ])
 def test_averaging_with_lr_zero(n, cases):
     _check_averaging(n, cases)
@@ -134,7 +136,10 @@ def test_progress_thread_serves_reads_from_other_nodes(tmp_path):
     fast = _stalled_run(tmp_path, "auto", OTHER_NODES, progress="auto")["algorithm_info"]
     assert fast["progress_thread_per_rank"] == [True] * 3
     assert max(fast["longest_interaction_s_per_rank"][:2]) < 0.25, fast
-    assert min(fast["interactions_per_rank"][:2]) > 2 * max(slow["interactions_per_rank"][:2])
+    # No throughput comparison: with reads as polled requests (Rget) instead of Get + Flush,
+    # the run without the thread interacts about 10x more than it did (measured here), and
+    # the threads' own CPU use on two cores then decides which run interacts more (measured:
+    # 0.6x to 2.2x, either way). The stall above is what the thread removes.
 
 
 def test_mpi_locks_wait_for_a_stalled_partner(tmp_path):

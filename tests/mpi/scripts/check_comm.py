@@ -3,12 +3,14 @@
 Run as ``mpiexec -n N python -m mpi4py check_comm.py``: an assertion on any rank aborts the job.
 """
 
+import os
 import time
 
 import numpy as np
 
+from mpiopt.comm.board import Board, Inbox
 from mpiopt.comm.transport import Channel, CommTimeout, Transport, test_some, wait_all, wait_any
-from mpiopt.comm.windows import SharedWindow, Window
+from mpiopt.comm.windows import SharedWindow, Window, WindowModeError
 
 t = Transport(timeout=30)
 r, n = t.rank, t.size
@@ -203,50 +205,195 @@ def check_deadline():
     t.barrier()
 
 
-def check_window():
-    w = Window(t, 8, np.float64)
+def check_window_epoch():
+    """Epoch mode: operations complete on return, no locks; lock calls are refused."""
+    w = Window(t, 8, np.float64, name="epoch")
     w.local[:] = r
     w.sync()
     t.barrier()
     peer = (r + 1) % n
     buf = np.empty(8)
-    with w.locked(peer, "shared"):
-        w.get(buf, peer)
-    assert np.all(buf == peer)
-    t.barrier()
-    with w.locked(0, "shared"):
-        w.accumulate(np.ones(8), 0)
+    assert w.get(buf, peer) is buf and np.all(buf == peer), buf  # valid on return
+    t.barrier()  # everyone has read before anyone adds
+    w.accumulate(np.ones(8), 0)
+    w.flush(0)
     t.barrier()
     if r == 0:
         w.sync()
         assert np.all(w.local == n), w.local
     t.barrier()  # rank n-1 puts into rank 0 next: not before rank 0 has checked the sum
-    with w.locked(peer, "exclusive"):
-        w.put(np.full(2, -1.0), peer, offset=6)
+    w.put(np.full(2, -1.0), peer, offset=6)
+    w.flush(peer)
     t.barrier()
     w.sync()
-    assert np.all(w.local[6:] == -1.0)
-    counter = Window(t, 1, np.int64)
-    with counter.locked(0, "shared"):
-        counter.fetch_and_add(1, 0)
+    assert np.all(w.local[6:] == -1.0) and np.all(w.local[:6] == (n if r == 0 else r))
+    try:
+        with w.locked(peer):
+            pass
+    except WindowModeError as exc:
+        assert "window 'epoch'" in str(exc) and "'locks'" in str(exc), exc
+    else:
+        raise AssertionError("locked() accepted in epoch mode")
     t.barrier()
-    if r == 0:
-        counter.sync()
-        assert counter.local[0] == n
-    counter.free()
     w.free()
 
 
+def check_window_locks():
+    """Locks mode: operations inside locked(rank) only; anything else is refused."""
+    w = Window(t, 4, np.int64, name="locked", sync="locks")
+    w.local[:] = r
+    w.sync()
+    t.barrier()
+    peer = (r + 1) % n
+    got = np.empty(4, np.int64)
+    with w.locked(peer, "shared"):
+        w.get(got, peer)
+    assert np.all(got == peer), got
+    t.barrier()  # everyone has read before anyone adds
+    with w.locked(0, "exclusive"):
+        w.accumulate(np.ones(4, np.int64), 0)
+    t.barrier()
+    if r == 0:
+        w.sync()
+        assert np.all(w.local == n), w.local
+    for refused in (lambda: w.get(got, peer), w.flush_all):
+        try:
+            refused()
+        except WindowModeError as exc:
+            assert "window 'locked'" in str(exc), exc
+        else:
+            raise AssertionError("an operation outside any lock was accepted")
+    t.barrier()
+    w.free()
+
+
+def check_fetch_and_add(make, value=3, reps=3):
+    """All ranks add concurrently to counters on every rank: old values 0, v, 2v, ... each.
+
+    ``make(count)`` builds the window; every rank of its transport adds to element ``k`` of
+    every target ``k`` times over ``reps`` rounds in a rank-dependent order.
+    """
+    win, comm = make(4)
+    m = comm.size
+    comm.step = 3
+    olds = {q: [] for q in range(m)}
+    for _ in range(reps):
+        for q in np.random.default_rng([7, comm.rank]).permutation(m):
+            olds[int(q)].append(int(win.fetch_and_add(value, int(q), offset=int(q) % 4)))
+    every = comm.allgather_obj(olds)
+    mine = sorted(v for rank_olds in every for v in rank_olds[comm.rank])
+    assert mine == [value * i for i in range(m * reps)], mine
+    comm.barrier()
+    win.sync()
+    assert win.local[comm.rank % 4] == value * m * reps, win.local
+    comm.barrier()
+    win.free()
+    if comm is not t:
+        comm.free()
+
+
+def _rma_counters(count):
+    return Window(t, count, np.int64, name="counters"), t
+
+
+def _shared_counters(count):
+    node = t.split_shared()
+    return SharedWindow(node, count, np.int64, name="shared-counters"), node
+
+
 def check_shared():
+    """Every rank of a node loads every segment; Sync orders stores within the epoch."""
     node = t.split_shared()
     sw = SharedWindow(node, 16, np.float32)
+    assert np.all(sw.local == 0)
     sw.local[:] = node.rank + 1
     sw.fence()
     for q in range(node.size):
         assert np.all(sw.view(q) == q + 1)
     sw.fence()
+    sw.local[0] = -1
+    sw.sync()
+    assert sw.view(node.rank)[0] == -1
+    node.barrier()
     sw.free()
     node.free()
+
+
+def check_inbox():
+    """Everyone adds into everyone's inbox while owners drain: nothing lost, nothing twice."""
+    d, reps = 5, 20
+    box = Inbox(t, d, np.float32, name="inbox")
+    got = np.zeros(d, np.float64)
+    out = np.empty(d, np.float32)
+    rng = np.random.default_rng([11, r])
+    for _ in range(reps):
+        for q in rng.permutation(n):
+            box.add(np.full(d, r + 1, np.float32), int(q))
+        got += box.drain(out)
+    box.settle()
+    t.barrier()
+    got += box.drain(out)
+    assert np.all(got == reps * n * (n + 1) / 2), got
+    box.free()
+
+
+def check_board():
+    """Readers see one whole publish (every region from the same one) at any interleaving."""
+    d = 300
+    for direct in (True, False):
+        a, b = np.full(d, -1, np.int64), np.full(7, -1, np.float32)
+        board = Board(t, {"a": a, "b": b}, slots=2, name="board", direct=direct)
+        board.publish({"a": a, "b": b}, -1)
+        t.barrier()
+        peer = (r + 1) % n
+        ra, rb = np.empty_like(a), np.empty_like(b)
+        for p in range(50):
+            a[:] = p
+            b[:] = p
+            board.publish({"a": a, "b": b}, p)
+            step = board.read(peer, {"a": ra, "b": rb})
+            assert np.all(ra == step) and np.all(rb == step), (step, ra[:3], rb[:3])
+        t.barrier()
+        assert board.read(peer, {"b": rb}) == 49 and np.all(rb == 49)
+        board.free()
+
+
+def check_rma_deadlines():
+    """A Get from a partner outside MPI, and a free it has not reached, time out cleanly.
+
+    Odd ranks sleep in Python, even ranks read them. The Get is meaningful only where
+    one-sided operations need the target's progress (the emulated cross-node setting): it must
+    raise CommTimeout naming peer, window and step. The free's barrier cannot complete while a
+    rank sleeps in any setting: a free that timed out is called again and then succeeds.
+    """
+    w = Window(t, 16, np.float32, name="stalled")
+    t.step = 42
+    flag = np.zeros(1)
+    if r % 2 == 1:
+        # Tell the reader we are leaving MPI (a small message goes out at once), then sleep.
+        sent = t.isend(flag, r - 1, Channel.CONTROL)
+        time.sleep(2.0)
+        sent.wait()
+    elif r + 1 < n:
+        t.irecv(flag, r + 1, Channel.CONTROL).wait()
+        t0 = time.monotonic()
+        _expect_timeout(lambda: w.get(np.empty(16, np.float32), r + 1, timeout=0.4),
+                        [f"peer {r + 1}", "get of window 'stalled'", "step 42"])
+        assert 0.4 <= time.monotonic() - t0 < 1.2, time.monotonic() - t0
+        _expect_timeout(lambda: w.free(timeout=0.3),
+                        ["free of window 'stalled'", "peer all", "step 42"])
+        assert time.monotonic() - t0 < 1.8, time.monotonic() - t0
+    t.step = -1
+    w.free()  # completes the timed-out Get once its target is inside MPI again
+
+
+def _expect_timeout(fn, names):
+    try:
+        fn()
+    except CommTimeout as exc:
+        assert all(name in str(exc) for name in names), (str(exc), names)
+    else:
+        raise AssertionError(f"no CommTimeout naming {names}")
 
 
 def check_split():
@@ -264,11 +411,17 @@ def check_split():
         workers.free()
 
 
-for check in (check_allreduce, check_collectives, check_point_to_point,
-              check_received_bytes_are_what_arrived, check_cancel, check_any_source,
-              check_wait_any_deadline, check_iallreduce, check_deadline, check_window,
-              check_shared, check_split):
+REMOTE = os.environ.get("MPIR_CVAR_NOLOCAL") == "1"  # one-sided needs the target's progress
+checks = [check_allreduce, check_collectives, check_point_to_point,
+          check_received_bytes_are_what_arrived, check_cancel, check_any_source,
+          check_wait_any_deadline, check_iallreduce, check_deadline, check_window_epoch,
+          check_window_locks, lambda: check_fetch_and_add(_rma_counters), check_shared,
+          lambda: check_fetch_and_add(_shared_counters), check_inbox, check_board, check_split]
+if REMOTE:
+    checks.append(check_rma_deadlines)
+for check in checks:
     check()
     t.barrier()
 if r == 0:
-    print(f"comm checks passed on {n} ranks", flush=True)
+    print(f"comm checks passed on {n} ranks" + ("; RMA deadline checked" if REMOTE else ""),
+          flush=True)

@@ -46,7 +46,7 @@ for case in sys.argv[1:]:
     t.barrier()  # nobody publishes any more: a read sees one fixed copy
     if quantize.startswith("lattice") and gossip.neighbors:
         j = gossip.neighbors[0]
-        exact = gossip.pub.read_fp32(j, np.empty(d, np.float32))
+        exact = gossip.read_fp32(j, np.empty(d, np.float32))
         before = gossip.fallbacks
         decoded = gossip.read(j, x).copy()  # decoded against our own model
         eps = cfg.lattice_eps
