@@ -31,9 +31,8 @@ INVALID = [
      "'<stream end>'"),
     ("unknown key", lambda t: QUICK, ["--set", "run.stepz=3"],
      "run.stepz: unknown key for run; valid keys: comm_timeout_s, cuda_aware, device, "
-     "eval_every, "
-     "metrics_chunk, out, overwrite, progress_every_s, quiet, seed, steps, target_accuracy, "
-     "time_limit_s"),
+     "eval_every, metrics_chunk, out, overwrite, progress_every_s, quiet, seed, slowdown, "
+     "steps, target_accuracy, time_limit_s, total_steps"),
     ("unknown algorithm", lambda t: QUICK, ["--set", "algorithm.name=adam"],
      "algorithm.name: unknown algorithm 'adam'; valid: allreduce, d_psgd, ef_signsgd, "
      "local_sgd, signsgd, signum, swarm"),
