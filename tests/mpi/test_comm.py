@@ -44,3 +44,8 @@ def test_blocking_collective_deadline_aborts_job(n, level):
     assert f"thread level {level}" in out.stdout, out.stdout
     assert "unreachable" not in out.stdout
     assert time.monotonic() - t0 < 25
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_roles_share_the_data_among_workers(n):
+    run_check_script(n, "check_roles.py", f"role checks passed on {n} ranks")
