@@ -99,9 +99,8 @@ class Gossip:
         needed = progress == "auto" and bool(self.remote_readers) and \
             not async_progress_enabled()
         unserved = needed and not ProgressThread.supported()
-        self.progress_comm = transport.comm.Dup()  # collective: every rank makes one
-        self.progress = (ProgressThread(self.progress_comm, progress_interval)
-                         if progress == "thread" or (needed and not unserved) else None)
+        self.progress = ProgressThread(transport, progress_interval)  # collective
+        self.serve_reads = progress == "thread" or (needed and not unserved)
         if transport.allreduce_scalar(float(unserved), op="max") and transport.rank == 0:
             print("mpiopt: warning: peers on other nodes read ranks that run no progress thread "
                   "(MPI thread level is not 'multiple'); their reads may wait up to a whole "
@@ -125,7 +124,7 @@ class Gossip:
         self._publish(x, -1)
         if self.comp is not None:
             self._decode(self.payload, x)
-        if self.progress is not None:
+        if self.serve_reads:
             self.progress.start()
         self.t.barrier()
 
@@ -226,17 +225,15 @@ class Gossip:
         last corrections are applied and the windows freed.
         """
         t = self.t
-        if self.progress is not None:  # everyone is past its last operation
-            self.progress.stop()
+        self.progress.stop()  # everyone is past its last operation
         if self.inbox is not None:
             self.drain(x)
             self.inbox.free()
         self.board.free()
-        self.progress_comm.Free()
         mine = {"interactions": self.interactions, "fallbacks": self.fallbacks,
                 "retries": self.board.retries, "blocked_s": self.blocked_s,
                 "longest_s": self.longest_s, "gossip_bytes": t.stats[Channel.GOSSIP].recv,
-                "progress_thread": self.progress is not None,
+                "progress_thread": self.progress.started,
                 "remote_readers": len(self.remote_readers)}
         return t.allgather_obj(mine)
 

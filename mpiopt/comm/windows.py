@@ -421,17 +421,26 @@ class ProgressThread:
     while the main thread runs Python code) instead of a whole computation. Needs the
     ``multiple`` thread level (mpi4py's default).
 
+    Creating one is collective over the transport (it duplicates the communicator, so that
+    probing never matches a message of the run); :meth:`start` is not, and :meth:`stop`, which
+    frees the communicator, is again.
+
     Args:
-        comm: a communicator private to this use (probing never matches a message on it).
+        transport: the transport of the ranks that create it together.
         interval: seconds between two entries into MPI.
     """
 
-    def __init__(self, comm, interval: float = 1e-3):
-        self.comm = comm
+    def __init__(self, transport: Transport, interval: float = 1e-3):
+        self.comm = transport.comm.Dup()
         self.interval = float(interval)
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mpiopt-progress", daemon=True)
+
+    @property
+    def started(self) -> bool:
+        """True if :meth:`start` ran the thread."""
+        return self._thread.ident is not None
 
     @staticmethod
     def supported() -> bool:
@@ -453,12 +462,16 @@ class ProgressThread:
             self.error = exc
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop the thread; raise if it failed or does not end within ``timeout``."""
+        """Stop the thread and free its communicator (collective); raise if it failed.
+
+        Raises :class:`CommTimeout` if the thread does not end within ``timeout``.
+        """
         self._stop.set()
-        if self._thread.ident is not None:
+        if self.started:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 raise CommTimeout(f"the MPI progress thread did not stop within {timeout:g} s")
+        self.comm.Free()
         if self.error is not None:
             raise RuntimeError(f"the MPI progress thread failed: {self.error}") from self.error
 
