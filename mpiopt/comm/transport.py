@@ -196,15 +196,21 @@ class Handle:
         if self.done:
             return
         t0 = time.perf_counter()
+        self._poll(timeout, "timed out after {limit:g} s")
+        self.transport._charge(self.channel, 0, 0, time.perf_counter() - t0)
+        self._complete()
+
+    def _poll(self, timeout: float | None, problem: str) -> None:
+        """Test the request with backoff until it completes; raise past ``timeout`` seconds.
+
+        ``problem`` is the error's wording, formatted with ``limit``.
+        """
         limit = self.transport.timeout if timeout is None else timeout
         if not self.request.Test(self._status):
             for _ in _backoff(limit):
                 if self.request.Test(self._status):
-                    break
-            else:
-                raise CommTimeout(self.describe(f"timed out after {limit:g} s"))
-        self.transport._charge(self.channel, 0, 0, time.perf_counter() - t0)
-        self._complete()
+                    return
+            raise CommTimeout(self.describe(problem.format(limit=limit)))
 
     def _complete(self) -> None:
         self.done = True
@@ -234,13 +240,7 @@ class Handle:
             self._cancel_posted = True
         if self._status is None:
             self._status = MPI.Status()
-        limit = self.transport.timeout if timeout is None else timeout
-        if not self.request.Test(self._status):
-            for _ in _backoff(limit):
-                if self.request.Test(self._status):
-                    break
-            else:
-                raise CommTimeout(self.describe(f"could not be cancelled within {limit:g} s"))
+        self._poll(timeout, "could not be cancelled within {limit:g} s")
         if not self._status.Is_cancelled():
             self._complete()
             return False
