@@ -131,6 +131,7 @@ class Context:
         self.rng = np.random.default_rng([seed, 1, self.rank])
         self.init_rng = np.random.default_rng([seed, 0])
         self.steps = cfg.run.steps
+        self.eval_every = cfg.run.eval_every
         self.schedule = cfg.algorithm.make_schedule(cfg.run.expected_steps(self.size))
         self.run_dir = run_dir
         self.steplog = steplog
@@ -170,10 +171,11 @@ class Context:
 
     def begin_step(self, step: int) -> None:
         """Mark the start of ``step``: fire due faults, stamp timers and counters."""
-        self.transport.step = step
         t = self.transport
+        t.step = step
         self._mark = (time.perf_counter(), t.bytes_sent(), t.bytes_recv(), t.comm_seconds())
-        self.faults.at_step(step)  # a stall counts as this step's compute time
+        if self.faults.faults:
+            self.faults.at_step(step)  # a stall counts as this step's compute time
 
     def end_step(self, step: int, loss: float, lr: float) -> None:
         """Record the row of ``step`` and report progress; fail on a non-finite loss."""
@@ -191,11 +193,12 @@ class Context:
         self.steplog.append(step, now - self.start, loss, lr, sent - sent0,
                             t.bytes_recv() - recv0, max(now - t0 - comm, 0.0), comm)
         self.steps_done = step + 1
-        self.progress.update(step, loss, sent)
+        if self.progress.enabled:
+            self.progress.update(step, loss, sent)
 
     def eval_due(self, step: int) -> bool:
         """Return True if an evaluation is due after ``step`` (never after the last)."""
-        every = self.cfg.run.eval_every
+        every = self.eval_every
         return every > 0 and (step + 1) % every == 0 and step + 1 < self.steps
 
     def record_eval(self, step: int, metrics: dict) -> None:
