@@ -252,8 +252,9 @@ def run(config_path: str, sets=None, steps=None, seed=None, out=None, overwrite=
     transport.cuda_aware, gpu_line = backend.decide_cuda_aware(transport, cfg.run.cuda_aware,
                                                                _device(cfg))
     xp, shard, problem = build_problem(transport, cfg)
-    # Progress lines come from the first worker: a rank 0 that serves takes no steps.
-    reporter = reporter_rank(cfg.algorithm.roles(transport.size))
+    # Progress lines come from the first rank of the algorithm's reporting role (a worker by
+    # default: a rank 0 that serves takes no steps of its own).
+    reporter = reporter_rank(cfg.algorithm.roles(transport.size), cfg.algorithm.REPORTER)
     loud = transport.rank == reporter and not cfg.run.quiet
     if transport.rank == 0:
         for warning in cfg.warnings:

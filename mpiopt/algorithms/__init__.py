@@ -8,6 +8,7 @@ from mpiopt.config import Registry
 
 ALGORITHMS = Registry("algorithm", __name__, {
     "allreduce": "allreduce",
+    "asgd": "asgd",
     "d_psgd": "d_psgd",
     "ef_signsgd": "signum",
     "local_sgd": "local_sgd",

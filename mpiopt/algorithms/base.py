@@ -31,6 +31,7 @@ class AlgorithmConfig(Section):
 
     HOST_ONLY: ClassVar[bool] = False  # True: runs on host memory (run.device auto means cpu)
     ASYNCHRONOUS: ClassVar[bool] = False  # True: ranks step at their own pace (total budgets)
+    REPORTER: ClassVar[str] = "worker"  # the role whose first rank prints progress lines
 
     lr: float = param(0.1, "Base learning rate.", low=0, low_open=True)
     schedule: str = param("constant", "Learning-rate schedule after warm-up.",
@@ -92,9 +93,9 @@ class GraphKeys(SGDConfig):
         self.topology_for(world_size)
 
 
-def reporter_rank(roles) -> int:
-    """Return the rank that reports progress: the first worker (rank 0 if none works)."""
-    return next((r for r, role in enumerate(roles) if role == WORKER), 0)
+def reporter_rank(roles, role: str = "worker") -> int:
+    """Return the rank that reports progress: the first of ``role`` (rank 0 if none has it)."""
+    return next((r for r, mine in enumerate(roles) if mine == role), 0)
 
 
 class NonFiniteError(FloatingPointError):
@@ -128,7 +129,13 @@ class Context:
         self.problem = problem
         self.xp = xp
         seed = cfg.run.seed
-        self.rng = np.random.default_rng([seed, 1, self.rank])
+        self.roles = cfg.algorithm.roles(self.size)
+        self.role = self.roles[self.rank]
+        workers = [r for r, role in enumerate(self.roles) if role == WORKER]
+        # A worker's stream follows its place among the workers, not its rank: a run with a
+        # server in front draws the same minibatches as one without.
+        self.rng = np.random.default_rng(
+            [seed, 1, workers.index(self.rank)] if self.rank in workers else [seed, 3, self.rank])
         self.init_rng = np.random.default_rng([seed, 0])
         self.steps = cfg.run.steps
         self.eval_every = cfg.run.eval_every
@@ -142,9 +149,7 @@ class Context:
         self.steps_done = 0
         self.final: dict = {}
         self.strict_loss = True  # a non-finite loss ends the run (policies may relax this)
-        self.roles = cfg.algorithm.roles(self.size)
-        self.role = self.roles[self.rank]
-        self.reporter = reporter_rank(self.roles)
+        self.reporter = reporter_rank(self.roles, cfg.algorithm.REPORTER)
         self.slowdown = float(cfg.run.slowdown.get(self.rank, 1.0))
         self._mark = (self.start, 0, 0, 0.0)
 
@@ -337,6 +342,18 @@ class AsynchronousAlgorithm(ModelAlgorithm):
     A method is its ``setup``, ``step``, ``settle``, ``serve`` and ``finish``.
     """
 
+    stopped = False  # set by a step when the method itself ends this rank's loop
+
+    def budget(self) -> tuple[int | None, float | None, int | None]:
+        """Return this rank's budget: its steps, the run's time limit, the total steps.
+
+        The run's keys by default (``run.steps``, ``run.time_limit_s``, ``run.total_steps``);
+        a method whose ranks learn the end from a peer (a parameter server's workers) returns
+        Nones and sets :attr:`stopped` instead.
+        """
+        run = self.ctx.cfg.run
+        return self.ctx.steps, run.time_limit_s, run.total_steps
+
     def step(self, step: int, lr: float) -> float:
         """Do one local step, with its own communication; return the minibatch loss."""
         raise NotImplementedError
@@ -362,12 +379,10 @@ class AsynchronousAlgorithm(ModelAlgorithm):
         ctx = self.ctx
         self.setup()
         self.warm_up()
-        run = ctx.cfg.run
-        stop = Termination(ctx.transport, ctx.steps, run.time_limit_s, run.total_steps,
-                           ctx.elapsed)
+        stop = Termination(ctx.transport, *self.budget(), ctx.elapsed)
         ctx.restart_clock()
         step = 0
-        while stop.go(step):
+        while not self.stopped and stop.go(step):
             ctx.begin_step(step)
             lr = ctx.schedule(step)
             loss = self.step(step, lr)

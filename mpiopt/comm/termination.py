@@ -38,14 +38,14 @@ class Termination:
 
     Args:
         transport: the transport of the run.
-        steps: the most steps this rank takes.
+        steps: the most steps this rank takes (None: no limit of its own).
         time_limit: seconds of the run's clock after which no rank starts a step (None: none).
         total_steps: steps of all ranks together after which none starts another (None: no
             such budget; ``steps`` per rank alone).
         clock: ``() -> seconds`` since the run started (the context's, started together).
     """
 
-    def __init__(self, transport: Transport, steps: int, time_limit: float | None = None,
+    def __init__(self, transport: Transport, steps: int | None, time_limit: float | None = None,
                  total_steps: int | None = None, clock=None):
         self.t = transport
         self.steps, self.time_limit, self.total_steps = steps, time_limit, total_steps
@@ -57,7 +57,7 @@ class Termination:
 
     def go(self, step: int) -> bool:
         """Return True if this rank takes step ``step`` (counts it against a total budget)."""
-        if step >= self.steps:
+        if self.steps is not None and step >= self.steps:
             return False
         if self.time_limit is not None and self.clock() >= self.time_limit:
             return False

@@ -197,8 +197,8 @@ class Handle:
             return
         t0 = time.perf_counter()
         self._poll(timeout, "timed out after {limit:g} s")
+        self._complete()  # first: a receive on any channel learns its channel here
         self.transport._charge(self.channel, 0, 0, time.perf_counter() - t0)
-        self._complete()
 
     def _poll(self, timeout: float | None, problem: str) -> None:
         """Test the request with backoff until it completes; raise past ``timeout`` seconds.
