@@ -149,6 +149,19 @@ def check_any_source():
         t.isend(np.full(2, float(r)), 0, Channel.GOSSIP).wait()
 
 
+def check_any_channel_wait():
+    """A receive from one peer on any channel, waited for: the channel is learnt on arrival."""
+    if n == 1:
+        return
+    kinds = (Channel.MODEL, Channel.GRADIENT, Channel.GOSSIP)
+    left = (r - 1) % n
+    got = t.irecv(np.zeros(3), left, None)
+    t.isend(np.full(3, float(r)), (r + 1) % n, kinds[r % 3]).wait()
+    got.wait(timeout=20)
+    assert got.channel is kinds[left % 3] and got.source == left, (got.channel, got.source)
+    assert got.nbytes == 24
+
+
 def check_wait_any_deadline():
     """wait_any on receives nobody answers raises at its deadline naming each of them."""
     t.step = 11
@@ -414,7 +427,7 @@ def check_split():
 REMOTE = os.environ.get("MPIR_CVAR_NOLOCAL") == "1"  # one-sided needs the target's progress
 checks = [check_allreduce, check_collectives, check_point_to_point,
           check_received_bytes_are_what_arrived, check_cancel, check_any_source,
-          check_wait_any_deadline, check_iallreduce, check_deadline, check_window_epoch,
+          check_any_channel_wait, check_wait_any_deadline, check_iallreduce, check_deadline, check_window_epoch,
           check_window_locks, lambda: check_fetch_and_add(_rma_counters), check_shared,
           lambda: check_fetch_and_add(_shared_counters), check_inbox, check_board, check_split]
 if REMOTE:
