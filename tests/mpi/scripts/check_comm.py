@@ -427,9 +427,10 @@ def check_split():
 REMOTE = os.environ.get("MPIR_CVAR_NOLOCAL") == "1"  # one-sided needs the target's progress
 checks = [check_allreduce, check_collectives, check_point_to_point,
           check_received_bytes_are_what_arrived, check_cancel, check_any_source,
-          check_any_channel_wait, check_wait_any_deadline, check_iallreduce, check_deadline, check_window_epoch,
-          check_window_locks, lambda: check_fetch_and_add(_rma_counters), check_shared,
-          lambda: check_fetch_and_add(_shared_counters), check_inbox, check_board, check_split]
+          check_any_channel_wait, check_wait_any_deadline, check_iallreduce, check_deadline,
+          check_window_epoch, check_window_locks, lambda: check_fetch_and_add(_rma_counters),
+          check_shared, lambda: check_fetch_and_add(_shared_counters), check_inbox, check_board,
+          check_split]
 if REMOTE:
     checks.append(check_rma_deadlines)
 for check in checks:
