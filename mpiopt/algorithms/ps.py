@@ -21,12 +21,13 @@ nothing in flight and meets the others at the shared stop of the asynchronous ru
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from mpiopt.algorithms.base import SERVER, WORKER, AsynchronousAlgorithm, SGDConfig
-from mpiopt.comm.transport import Channel, wait_any
+from mpiopt.comm.transport import Channel, CommTimeout, wait_any
 from mpiopt.errors import ConfigError
 
 
@@ -55,7 +56,8 @@ class ParameterServer(AsynchronousAlgorithm):
         self.sent_version = np.zeros(n, np.int64)
         self.applied = np.zeros(n, np.int64)
         self.version = 0
-        self.staleness: list[int] = []
+        self.staleness: list[int] = []  # of every applied gradient, in order
+        self.applied_from: list[int] = []  # the worker index of every applied gradient
         self.ending = False  # the budget is spent: every next push is answered with the stop
         self.open = n  # workers not yet told to stop
         self.recvs = [t.irecv(self.inbox[k], w, Channel.GRADIENT)
@@ -72,6 +74,38 @@ class ParameterServer(AsynchronousAlgorithm):
     def apply(self, w, g, worker: int, staleness: int, lr: float) -> None:
         """Apply the gradient ``g`` of worker index ``worker`` to the server's model ``w``."""
         raise NotImplementedError
+
+    def receive(self, k: int, lr: float) -> list[int]:
+        """Take worker ``k``'s push (``inbox[k]``); return the workers to answer now, in order.
+
+        By default the push is applied at once and its worker answered. A rule may hold a push
+        back (its worker then waits for its answer; ``inbox[k]`` keeps the gradient) and
+        answer it later from here, :meth:`on_idle` or :meth:`flush`; once :attr:`ending` is
+        set it must apply every push at once.
+        """
+        self.update(k, lr)
+        return [k]
+
+    def patience(self) -> float | None:
+        """Seconds the server may wait for a push before :meth:`on_idle` (None: no limit)."""
+        return None
+
+    def on_idle(self, lr: float) -> list[int]:
+        """No push came within :meth:`patience`: return the workers to answer now."""
+        return []
+
+    def flush(self, lr: float) -> list[int]:
+        """The budget is spent: apply what the rule holds back; return the workers to answer."""
+        return []
+
+    def update(self, k: int, lr: float) -> None:
+        """Apply worker ``k``'s pushed gradient through the rule; count it and its staleness."""
+        staleness = self.version - int(self.sent_version[k])
+        self.apply(self.x, self.inbox[k][: self.d], k, staleness, lr)
+        self.version += 1
+        self.applied[k] += 1
+        self.staleness.append(staleness)
+        self.applied_from.append(k)
 
     # ------------------------------------------------------------------ steps
 
@@ -95,19 +129,38 @@ class ParameterServer(AsynchronousAlgorithm):
         return loss
 
     def _server_step(self, step: int, lr: float) -> float:
-        """Apply the next push to arrive and answer its worker with the model or the stop."""
+        """Take the next push to arrive; answer the workers the rule releases."""
         ctx = self.ctx
-        k = wait_any(self.recvs)  # skips the workers already stopped (their receive is done)
-        staleness = self.version - int(self.sent_version[k])
-        self.apply(self.x, self.inbox[k][: self.d], k, staleness, lr)
-        self.version += 1
-        self.applied[k] += 1
-        self.staleness.append(staleness)
-        loss = float(self.inbox[k][self.d])
-        self.ending = self.ending or self.version >= ctx.steps or ctx.out_of_time()
-        self._answer(k)
+        k = self._next_push(lr)
+        answers = self.receive(k, lr)
+        if not self.ending and (self.version >= ctx.steps or ctx.out_of_time()):
+            self.ending = True
+            answers += self.flush(lr)
+        for j in answers:
+            self._answer(j)
         self.stopped = self.open == 0
-        return loss
+        return float(self.inbox[k][self.d])
+
+    def _next_push(self, lr: float) -> int:
+        """Wait for a push (under the run's deadline), letting the rule act when idle."""
+        deadline = time.monotonic() + self.ctx.transport.timeout
+        while True:
+            patience = self.patience()
+            left = deadline - time.monotonic()
+            try:
+                k = wait_any(self.recvs, timeout=max(min(left, patience or left), 0.0))
+            except CommTimeout:
+                if patience is None or time.monotonic() >= deadline:
+                    raise
+                k = None
+            if k is not None:
+                return k
+            released = self.on_idle(lr)  # all held back, or a bounded wait ran out
+            if not released and all(h.done for h in self.recvs):
+                raise RuntimeError(f"{self.cfg.NAME}: every worker waits for an answer the "
+                                   f"rule holds back (step {self.ctx.transport.step})")
+            for j in released:
+                self._answer(j)
 
     def _answer(self, k: int) -> None:
         """Send worker ``k`` the model (and post its next receive) or the stop."""
