@@ -9,11 +9,15 @@ from test_run import read_summary, run, write_config
 pytestmark = pytest.mark.mpi
 
 ASGD = {"name": "asgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4}
+GSGM = {"name": "gsgm", "lr": 0.05, "momentum": None, "beta": 0.9, "weight_decay": 1e-4,
+        "max_wait": 0.05}
 
 
-@pytest.mark.parametrize("n, runs", [(3, 3), (5, 2), (8, 2)])
-def test_slow_worker_every_push_applied_once(tmp_path, n, runs):
-    cfg = write_config(tmp_path, {"algorithm": ASGD, "run": {"steps": 150, "eval_every": 50}})
+@pytest.mark.parametrize("n, runs, algorithm", [(3, 3, ASGD), (5, 2, ASGD), (8, 2, ASGD),
+                                                (3, 2, GSGM), (5, 2, GSGM), (8, 1, GSGM)])
+def test_slow_worker_every_push_applied_once(tmp_path, n, runs, algorithm):
+    cfg = write_config(tmp_path, {"algorithm": algorithm,
+                                  "run": {"steps": 150, "eval_every": 50}})
     run_check_script(n, "check_ps.py", f"ps checks passed on {n} ranks ({runs} runs)",
                      args=[cfg, str(tmp_path), str(runs)])
 
@@ -37,8 +41,31 @@ def test_one_worker_is_sequential_momentum_sgd_bit_for_bit(tmp_path):
     assert s["algorithm_info"]["staleness"]["max"] == 0
 
 
+def test_gsgm_with_one_worker_and_k_1_is_momentum_sgd_bit_for_bit(tmp_path):
+    cfg = write_config(tmp_path, {"algorithm": {**GSGM, "partial": 1}})
+    res = run(2, cfg, tmp_path / "g")
+    assert res.returncode == 0, res.stderr
+    res = run(1, cfg, tmp_path / "seq", "--set", "algorithm.name=allreduce", "--set",
+              "algorithm.momentum=0.9")
+    assert res.returncode == 0, res.stderr
+    models = []
+    for name in ("g", "seq"):
+        with h5py.File(tmp_path / name / "model.h5") as f:
+            models.append(f["x"][()])
+    assert np.array_equal(models[0], models[1])
+    info = read_summary(tmp_path / "g")["algorithm_info"]
+    assert info["rounds"] == 61 and info["most_contributions_per_worker_per_round"] == 1
+
+
 def test_a_server_needs_a_worker(tmp_path):
     res = run(1, write_config(tmp_path, {"algorithm": ASGD}), tmp_path / "x")
     assert res.returncode == 2 and not (tmp_path / "x").exists()
     assert res.stderr == ("mpiopt: error: algorithm.name: asgd needs at least 2 ranks (a server "
                           "and a worker), got 1\n")
+
+
+def test_partial_beyond_the_workers_is_refused(tmp_path):
+    res = run(3, write_config(tmp_path, {"algorithm": {**GSGM, "partial": 3}}), tmp_path / "x")
+    assert res.returncode == 2 and not (tmp_path / "x").exists()
+    assert res.stderr == ("mpiopt: error: algorithm.partial: 3 is more than the 2 workers "
+                          "(ranks 1..2); valid: 1..2\n")

@@ -28,6 +28,8 @@ for i in range(runs):
         assert info["updates_applied"] == steps[0] == sum(steps[1:]), (i, info, steps)
         assert budget <= steps[0] <= budget + n_workers - 1, (i, steps, budget)
         assert math.isfinite(s["final"]["loss"]), (i, s["final"])
+        if s["algorithm"] == "gsgm":  # scheduling: one contribution per worker per round
+            assert info["most_contributions_per_worker_per_round"] == 1, (i, info)
 t.barrier()
 if t.rank == 0:
     print(f"ps checks passed on {t.size} ranks ({runs} runs)", flush=True)
