@@ -137,8 +137,9 @@ class RunConfig(Section):
     steps: int = param(200, "Steps per rank (one local update each).", low=1)
     total_steps: int | None = param(
         None, "Asynchronous algorithms: stop once all ranks together have taken this many "
-        "steps, each as many as its speed allows (run.steps then only bounds a rank's share "
-        "and the schedule runs over total_steps / ranks); null: run.steps per rank.", low=1)
+        "steps, each as many as its speed allows (instead of run.steps per rank; the "
+        "learning-rate schedule runs over total_steps / ranks); null: run.steps per rank.",
+        low=1)
     eval_every: int = param(50, "Evaluate every this many steps; 0: only the final model.",
                             low=0)
     seed: int = param(0, "Seed of every random choice: init, data order, partition.", low=0)
@@ -176,7 +177,7 @@ class RunConfig(Section):
         """
         if self.total_steps is None:
             return self.steps
-        return min(self.steps, -(-self.total_steps // max(world_size, 1)))
+        return -(-self.total_steps // max(world_size, 1))
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from mpiopt.io.metrics import EvalLog, StepLog
 from mpiopt.optim import SCHEDULES, SGD, make_schedule
 
 WORKER, SERVER, HUB = "worker", "server", "hub"
+CALIBRATION = 10  # steps whose compute, at full speed, sets run.slowdown's delay
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,10 @@ class Context:
         self.strict_loss = True  # a non-finite loss ends the run (policies may relax this)
         self.reporter = reporter_rank(self.roles, cfg.algorithm.REPORTER)
         self.slowdown = float(cfg.run.slowdown.get(self.rank, 1.0))
+        self._debt = 0.0  # seconds run.slowdown still owes (negative: slept too long)
+        self._calibration: list[float] = []  # compute of the first steps, at full speed
+        self._reference: float | None = None  # this rank's compute per step, from them
+        self._stalled = 0.0  # seconds of this step spent in an injected stall
         self._mark = (self.start, 0, 0, 0.0)
 
     # ------------------------------------------------------------------ steps
@@ -180,7 +185,9 @@ class Context:
         t.step = step
         self._mark = (time.perf_counter(), t.bytes_sent(), t.bytes_recv(), t.comm_seconds())
         if self.faults.faults:
+            t0 = time.perf_counter()
             self.faults.at_step(step)  # a stall counts as this step's compute time
+            self._stalled = time.perf_counter() - t0  # ... but run.slowdown does not scale it
 
     def end_step(self, step: int, loss: float, lr: float) -> None:
         """Record the row of ``step`` and report progress; fail on a non-finite loss."""
@@ -191,15 +198,38 @@ class Context:
         t0, sent0, recv0, comm0 = self._mark
         now = time.perf_counter()
         comm = t.comm_seconds() - comm0
-        if self.slowdown != 1.0:  # the step's computation, made slowdown times as long
-            time.sleep((self.slowdown - 1.0) * max(now - t0 - comm, 0.0))
+        if self.slowdown != 1.0:
+            self._slow_down(max(now - t0 - comm - self._stalled, 0.0))
             now = time.perf_counter()
+        self._stalled = 0.0
         sent = t.bytes_sent()
         self.steplog.append(step, now - self.start, loss, lr, sent - sent0,
                             t.bytes_recv() - recv0, max(now - t0 - comm, 0.0), comm)
         self.steps_done = step + 1
         if self.progress.enabled:
             self.progress.update(step, loss, sent)
+
+    def _slow_down(self, compute: float) -> None:
+        """Sleep so that this rank computes ``slowdown`` times as long as it would.
+
+        The delay owed per step is ``(slowdown - 1) r``, with ``r`` this rank's own compute per
+        step: the median of its first :data:`CALIBRATION` steps, taken at full speed (their
+        delay is owed after them). Measuring every step instead would feed back: a rank that
+        has just slept computes several times slower (cold caches, a busy core) and would then
+        sleep longer still. A sleep overshoots what it is asked for; the excess is kept as a
+        debt against later steps, so that over a run the delays add up to what is owed.
+        """
+        if self._reference is None:
+            self._calibration.append(compute)
+            if len(self._calibration) < CALIBRATION:
+                return
+            self._reference = float(np.median(self._calibration))
+            self._debt += (self.slowdown - 1.0) * self._reference * (CALIBRATION - 1)
+        self._debt += (self.slowdown - 1.0) * self._reference
+        if self._debt > 0.0:
+            t0 = time.perf_counter()
+            time.sleep(self._debt)
+            self._debt -= time.perf_counter() - t0
 
     def eval_due(self, step: int) -> bool:
         """Return True if an evaluation is due after ``step`` (never after the last)."""
@@ -332,7 +362,7 @@ class AsynchronousAlgorithm(ModelAlgorithm):
     """An algorithm whose ranks step at their own pace and meet only at the end.
 
     The loop every asynchronous method shares: each rank takes ``step`` after ``step`` until
-    its budget is spent (``run.steps``, ``run.total_steps`` over all ranks, or
+    its budget is spent (``run.steps``, or ``run.total_steps`` over all ranks instead, or
     ``run.time_limit_s``), showing its progress by a heartbeat; then it waits for the others
     with :class:`~mpiopt.comm.termination.Termination`, doing what it owes them meanwhile
     (:meth:`serve`), which waits for slow ranks however long they take and fails only on one
@@ -352,7 +382,8 @@ class AsynchronousAlgorithm(ModelAlgorithm):
         Nones and sets :attr:`stopped` instead.
         """
         run = self.ctx.cfg.run
-        return self.ctx.steps, run.time_limit_s, run.total_steps
+        own = self.ctx.steps if run.total_steps is None else None  # a total budget replaces it
+        return own, run.time_limit_s, run.total_steps
 
     def step(self, step: int, lr: float) -> float:
         """Do one local step, with its own communication; return the minibatch loss."""

@@ -53,17 +53,34 @@ class Termination:
         self.win = Window(transport, 3, np.int64, Channel.CONTROL, name="heartbeat")
         self.beats = self.win.local
         self._seen = np.zeros(3, np.int64)
+        self._one = np.ones(1, np.int64)
+        self._ticket = None  # the pending request for the next step's ticket
         self.step = 0
 
     def go(self, step: int) -> bool:
-        """Return True if this rank takes step ``step`` (counts it against a total budget)."""
+        """Return True if this rank takes step ``step`` (counts it against a total budget).
+
+        Under a total budget each step takes a ticket from rank 0's counter. The ticket of the
+        next step is asked for as soon as this one is known, so that it arrives while the step
+        computes: across nodes the counter answers only when rank 0 enters MPI.
+        """
         if self.steps is not None and step >= self.steps:
             return False
         if self.time_limit is not None and self.clock() >= self.time_limit:
             return False
-        if self.total_steps is not None:
-            return int(self.win.fetch_and_add(1, 0, _TOTAL)) < self.total_steps
-        return True
+        if self.total_steps is None:
+            return True
+        if self._ticket is None:
+            self._ticket = self._ask()
+        self._ticket.wait()
+        taken = int(self._taken[0])
+        self._ticket = self._ask() if taken < self.total_steps else None
+        return taken < self.total_steps
+
+    def _ask(self):
+        """Start taking a ticket: add one to rank 0's counter, fetching its old value."""
+        self._taken = np.zeros(1, np.int64)
+        return self.win.iget_accumulate(self._one, self._taken, 0, _TOTAL, "sum")
 
     def beat(self, steps_done: int) -> None:
         """Show the others that this rank has now taken ``steps_done`` steps."""
@@ -111,11 +128,13 @@ class Termination:
         if view is not None:
             self.win.sync()
             return int(view[_STEPS]), bool(view[_DONE])
-        self.win.get(self._seen, rank, channel=Channel.CONTROL)
+        self.win.get(self._seen, rank, channel=Channel.EVAL)  # the runtime's, not the method's
         return int(self._seen[_STEPS]), bool(self._seen[_DONE])
 
     def free(self) -> None:
         """Release the heartbeat window (collective; after :meth:`wait`)."""
+        if self._ticket is not None:  # a ticket asked for a step never taken (time ran out)
+            self._ticket.wait()
         self.win.free()
 
 

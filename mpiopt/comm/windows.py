@@ -284,6 +284,14 @@ class Window:
         """Combine ``buf`` into ``rank``'s window (atomic per element); ``buf`` free on return."""
         self._finish(self.iaccumulate(buf, rank, offset, op), timeout)
 
+    def iget_accumulate(self, buf: np.ndarray | None, out: np.ndarray, rank: int,
+                        offset: int = 0, op: str = "sum") -> Handle:
+        """Start :meth:`get_accumulate`; ``out`` is valid once the handle completes."""
+        origin = out if buf is None else buf
+        moved = out.nbytes if op == "no_op" else out.nbytes + origin.nbytes
+        return self._start("get_accumulate", rank, lambda: self.win.Rget_accumulate(
+            origin, out, rank, self._target(offset, out.size), op=_OPS[op]), moved)
+
     def get_accumulate(self, buf: np.ndarray | None, out: np.ndarray, rank: int,
                        offset: int = 0, op: str = "sum",
                        timeout: float | None = None) -> np.ndarray:
@@ -292,11 +300,7 @@ class Window:
         Atomic per element against other accumulate-family operations with the same op or
         ``no_op`` (``op="no_op"`` is an atomic read; ``buf`` is then ignored).
         """
-        origin = out if buf is None else buf
-        moved = out.nbytes if op == "no_op" else out.nbytes + origin.nbytes
-        handle = self._start("get_accumulate", rank, lambda: self.win.Rget_accumulate(
-            origin, out, rank, self._target(offset, out.size), op=_OPS[op]), moved)
-        self._finish(handle, timeout)
+        self._finish(self.iget_accumulate(buf, out, rank, offset, op), timeout)
         return out
 
     def fetch_and_add(self, value, rank: int, offset: int = 0, timeout: float | None = None):

@@ -14,23 +14,26 @@ SWARM = {"name": "swarm", "lr": 0.05, "momentum": 0.9, "mode": "pairwise",
 SWARM_PULL = {**SWARM, "mode": "pull"}
 
 
-def _compute_per_step(out, rank):
+def _slowness(out, slow, fast):
+    """Return the slow rank's mean compute per step over the fast rank's median (its norm)."""
     with h5py.File(out / "metrics.h5") as f:
-        return float(np.median(f[f"ranks/{rank}/compute_s"][()]))
+        return (float(np.mean(f[f"ranks/{slow}/compute_s"][()]))
+                / float(np.median(f[f"ranks/{fast}/compute_s"][()])))
 
 
 def test_rank_twenty_times_slower_than_the_deadline_allows_completes(tmp_path):
-    # Rank 1 computes 20x slower: the others finish in well under a second and then wait
-    # seconds for it, several times run.comm_timeout_s. It keeps stepping, so it is waited for.
+    # Rank 1 computes 20x slower: the others finish early and then wait for it several times
+    # run.comm_timeout_s. It keeps stepping, so it is waited for.
     cfg = write_config(tmp_path, {"algorithm": SWARM_PULL, "run": {
-        "steps": 500, "eval_every": 0, "comm_timeout_s": 0.5, "slowdown": {1: 20}}})
+        "steps": 1500, "eval_every": 0, "comm_timeout_s": 0.3, "slowdown": {1: 20}}})
     res = run(4, cfg, tmp_path / "s", timeout=120)
     assert res.returncode == 0, res.stderr
     s = read_summary(tmp_path / "s")
-    assert s["steps_per_rank"] == [500] * 4
-    assert s["wall_time_s"] > 1.5  # the slow rank outlasted the deadline: the case at hand
-    slow, fast = _compute_per_step(tmp_path / "s", 1), _compute_per_step(tmp_path / "s", 0)
-    assert slow > 8 * fast, (slow, fast)
+    assert s["steps_per_rank"] == [1500] * 4
+    with h5py.File(tmp_path / "s" / "metrics.h5") as f:
+        slow_s, fast_s = (float(f[f"ranks/{r}/compute_s"][()].sum()) for r in (1, 0))
+    assert slow_s - fast_s > 3 * 0.3, (slow_s, fast_s)  # waited for far past the deadline
+    assert 10 < _slowness(tmp_path / "s", 1, 0) < 60  # the factor asked for, within 2-3x
     assert np.isfinite(s["final"]["loss"])
 
 
@@ -60,8 +63,7 @@ def test_slowdown_and_total_budget_in_synchronous_runs(tmp_path):
     cfg = write_config(tmp_path, {"run": {"slowdown": {1: 6}}})
     res = run(2, cfg, tmp_path / "a")
     assert res.returncode == 0, res.stderr
-    slow, fast = _compute_per_step(tmp_path / "a", 1), _compute_per_step(tmp_path / "a", 0)
-    assert slow > 3 * fast, (slow, fast)
+    assert 3 < _slowness(tmp_path / "a", 1, 0) < 18
     res = run(2, cfg, tmp_path / "b", "--set", "run.total_steps=100")
     assert res.returncode == 2 and not (tmp_path / "b").exists()
     assert res.stderr.startswith("mpiopt: error: run.total_steps: allreduce is synchronous")
