@@ -159,10 +159,14 @@ def _time_to_target(ctx: Context, target) -> dict | None:
     return None
 
 
-def _by_channel(totals: list[dict], n: int, steps: int) -> dict:
-    """Mean bytes sent and received per rank per step on each channel (phase) that was used."""
+def _by_channel(totals: list[dict]) -> dict:
+    """Mean bytes sent and received per rank per step on each channel (phase) that was used.
+
+    Per step of any rank: ranks that take different numbers of steps (asynchronous methods,
+    a parameter server) are averaged over the steps they took.
+    """
     names = sorted({c for t in totals for c in t["channels"]})
-    per = n * max(steps, 1)
+    per = max(sum(t["steps"] for t in totals), 1)
     return {c: {"sent": sum(t["channels"].get(c, (0, 0))[0] for t in totals) / per,
                 "recv": sum(t["channels"].get(c, (0, 0))[1] for t in totals) / per}
             for c in names}
@@ -178,8 +182,8 @@ def _summary(ctx: Context, cfg: Config, totals: list[dict], wall: float) -> dict
         "steps_per_rank": [t["steps"] for t in totals], "wall_time_s": wall,
         "final": ctx.final,
         "bytes_sent_total": sent, "bytes_recv_total": sum(t["recv"] for t in totals),
-        "bytes_sent_per_rank_per_step": sent / n / max(steps, 1),
-        "bytes_per_rank_per_step_by_channel": _by_channel(totals, n, steps),
+        "bytes_sent_per_rank_per_step": sent / max(sum(t["steps"] for t in totals), 1),
+        "bytes_per_rank_per_step_by_channel": _by_channel(totals),
         "compute_s": sum(t["compute"] for t in totals) / n,
         "comm_s": sum(t["comm"] for t in totals) / n,
         "peak_rss_mb": [t["rss"] for t in totals],

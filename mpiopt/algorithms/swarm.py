@@ -54,7 +54,7 @@ from mpiopt.comm.transport import Channel, async_progress_enabled
 from mpiopt.comm.windows import ProgressThread
 from mpiopt.compressors import make_compressor
 from mpiopt.compressors.lattice import LatticeBoundError
-from mpiopt.config import check_ranks, param
+from mpiopt.config import param
 from mpiopt.errors import ConfigError
 
 MODES = ("pull", "pairwise")
@@ -187,17 +187,21 @@ class Gossip:
         took = time.perf_counter() - t0
         # The whole interaction is the step's communication time; the waits inside MPI
         # (polled RMA requests, locks) have charged their part already.
-        self.t._charge(Channel.GOSSIP, 0, 0, max(took - (self.t.comm_seconds() - inside), 0.0))
+        self.t.charge_time(Channel.GOSSIP, max(took - (self.t.comm_seconds() - inside), 0.0))
         self.blocked_s += took
         self.longest_s = max(self.longest_s, took)
         self.interactions += 1
         return j
 
-    def drain(self, x) -> None:
-        """Pairwise: add what partners accumulated into our inbox since the last drain."""
+    def drain(self, x) -> bool:
+        """Pairwise: add what partners accumulated into our inbox; return True if any came."""
         if self.inbox is None:
-            return
-        x += self.inbox.drain(self.drained)
+            return False
+        got = self.inbox.drain(self.drained)
+        if not got.any():
+            return False
+        x += got
+        return True
 
     def serve(self, x, step: int) -> None:
         """While waiting at the stop (pairwise): apply arriving corrections, republish.
@@ -205,8 +209,7 @@ class Gossip:
         Left to pile up, corrections computed against one stale copy would overshoot the
         average.
         """
-        if self.inbox is not None:
-            self.drain(x)
+        if self.drain(x):  # republish only a model that moved: readers are not disturbed
             self._publish(x, step)
 
     def settle(self) -> None:
@@ -258,7 +261,6 @@ class Swarm(AsynchronousAlgorithm):
                              cfg.mode, cfg.compressor(ctx.size), cfg.direct_reads,
                              cfg.progress, cfg.progress_interval_s, cfg.publish_slots,
                              cfg.rma_sync == "locks")
-        self.slow = cfg.slow_s if ctx.rank in cfg.slow_ranks else 0.0
         self.left = self._draw_h()
         self.last = -1
         self.gossip.start(self.x)
@@ -280,8 +282,6 @@ class Swarm(AsynchronousAlgorithm):
             self.left = self._draw_h()
         gossip.publish(self.x, step)
         self.last = step
-        if self.slow:
-            time.sleep(self.slow)
         return loss
 
     def settle(self) -> None:
@@ -375,10 +375,7 @@ class SwarmConfig(GraphKeys):
                           choices=PROGRESS)
     progress_interval_s: float = param(0.001, "Seconds between two entries into MPI of the "
                                        "progress thread.", low=0, low_open=True)
-    slow_ranks: tuple[int, ...] = param((), "Ranks made slow on purpose (heterogeneous-speed "
-                                        "experiments).", low=0)
-    slow_s: float = param(0.0, "Seconds each slow rank sleeps after every local step.",
-                          low=0)
+
 
     def compressor(self, world_size: int):
         """Return the compressor of the published copy (None for float32)."""
@@ -394,7 +391,6 @@ class SwarmConfig(GraphKeys):
 
     def check_world(self, world_size: int) -> None:
         super().check_world(world_size)
-        check_ranks(self.slow_ranks, world_size, "algorithm.slow_ranks")
         if self.progress == "thread" and not ProgressThread.supported():
             raise ConfigError("thread needs MPI thread level 'multiple' (set "
                               "mpi4py.rc.thread_level or MPI4PY_RC_THREAD_LEVEL); valid "

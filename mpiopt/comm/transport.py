@@ -376,6 +376,14 @@ class Transport:
             self._sent += sent
             self._recv += recv
 
+    def charge_time(self, channel: Channel, seconds: float) -> None:
+        """Count ``seconds`` of communication that no call of the transport timed.
+
+        For exchanges done by loads and stores (a peer's window in shared memory): the step
+        log then counts them as communication, not computation.
+        """
+        self._charge(channel, 0, 0, seconds)
+
     def bytes_sent(self) -> int:
         """Return the bytes the algorithm sent so far (every channel but EVAL)."""
         return self._sent

@@ -118,7 +118,7 @@ def test_get_reads_do_not_wait_for_a_stalled_partner(tmp_path):
 def test_ranks_of_different_speeds_stop_cleanly_twenty_times(tmp_path):
     cfg = write_config(tmp_path, {"algorithm": {
         "name": "swarm", "lr": 0.05, "momentum": 0.9, "local_steps": 2,
-        "local_steps_dist": "geometric", "topology": "ring", "slow_s": 0.003},
+        "local_steps_dist": "geometric", "topology": "ring"},
         "run": {"steps": 40, "eval_every": 0}})
     run_check_script(3, "check_stops.py", "stop checks passed on 3 ranks (20 runs)",
                      args=[cfg, str(tmp_path)])

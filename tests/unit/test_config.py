@@ -170,12 +170,10 @@ def test_adversaries_take_a_count_or_ranks_checked_against_the_world():
 
 
 def test_swarm_keys_are_checked():
-    cfg = config_from_dict({**BASE, "algorithm": {"name": "swarm", "slow_ranks": [3],
-                                                  "quantize": "lattice8"}})
+    cfg = config_from_dict({**BASE, "algorithm": {"name": "swarm", "quantize": "lattice8"}})
     cfg.algorithm.check_world(4)
-    with pytest.raises(ConfigError, match="rank 3 does not exist") as e:
-        cfg.algorithm.check_world(3)
-    assert e.value.key == "algorithm.slow_ranks"
+    assert error_of(config_from_dict, {**BASE, "algorithm": {"name": "swarm", "slow_s": 1}}) \
+        .startswith("algorithm.slow_s: unknown key for algorithm 'swarm'")  # run.slowdown now
     assert "none, fp16, lattice16, lattice8" in error_of(
         config_from_dict, {**BASE, "algorithm": {"name": "swarm", "quantize": "int4"}})
     assert "pull, pairwise" in error_of(

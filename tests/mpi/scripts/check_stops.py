@@ -17,7 +17,7 @@ config, out = sys.argv[1], sys.argv[2]
 t = Transport(timeout=60)
 for i in range(20):
     sets = [f"algorithm.mode={('pull', 'pairwise')[i % 2]}",
-            f"algorithm.slow_ranks=[{i % t.size}]", f"run.seed={i}"]
+            f"run.slowdown={{{i % t.size}: 30}}", f"run.seed={i}"]
     summary = run(config, sets=sets, out=f"{out}/r{i}", quiet=True, transport=t)
     if t.rank == 0:
         assert summary["steps_per_rank"] == [40] * t.size, (i, summary["steps_per_rank"])

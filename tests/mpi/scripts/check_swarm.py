@@ -43,6 +43,7 @@ for case in sys.argv[1:]:
         gossip.interact(x, rng)
         gossip.publish(x, step)
         time.sleep(float(rng.uniform(0, 2e-3)))
+    gossip.settle()  # as the runtime does before its stop: our corrections reach their inboxes
     t.barrier()  # nobody publishes any more: a read sees one fixed copy
     if quantize.startswith("lattice") and gossip.neighbors:
         j = gossip.neighbors[0]
