@@ -10,6 +10,7 @@ ALGORITHMS = Registry("algorithm", __name__, {
     "allreduce": "allreduce",
     "asgd": "asgd",
     "d_psgd": "d_psgd",
+    "dcasgd": "dcasgd",
     "ef_signsgd": "signum",
     "gsgm": "gsgm",
     "local_sgd": "local_sgd",
