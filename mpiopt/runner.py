@@ -202,6 +202,7 @@ def finish(ctx: Context, cfg: Config, algo, out: str) -> dict | None:
     """Close the logs, merge metrics, save the model and write summary.json (rank 0)."""
     wall = ctx.elapsed()
     rows = ctx.steplog
+    rows.write_series(algo.series())
     rows.close()
     mine = {"steps": ctx.steps_done, "sent": ctx.transport.bytes_sent(),
             "recv": ctx.transport.bytes_recv(), "compute": rows.compute_s, "comm": rows.comm_s,
