@@ -4,8 +4,12 @@ A run directory is what ``mpiopt run`` writes: ``summary.json``, ``metrics.h5`` 
 ``config.yaml``. :func:`load_run` reads one into a :class:`Run`; :func:`make_report` compares
 several and writes ``loss.png``, ``accuracy.png`` (test metrics against steps, wall time and MB
 sent per rank, the mean over ranks), ``training_loss.png`` (the smoothed minibatch loss, mean
-over ranks) and ``report.md`` (one table row per run, with the MB each rank sent: min, mean and
-max over ranks). Bytes come from every rank's ``ranks/<r>/bytes_sent``, never rank 0's alone.
+over ranks), for runs of a parameter server ``staleness.png`` (a histogram per run of the
+staleness of every applied gradient, ``series/<r>/staleness``) and ``workers.png`` (bars per
+run of the gradients applied from each worker), and ``report.md`` (one table row per run, with
+the MB each rank sent: min, mean and max over ranks, and the two stability measures of
+:mod:`mpiopt.io.stability`). Bytes come from every rank's ``ranks/<r>/bytes_sent``, never rank
+0's alone.
 
 Runs being compared are told apart by the configuration keys whose values differ between them.
 Plots show a short label: a letter, the algorithm and those values under their last key
@@ -27,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from mpiopt.errors import ConfigError
+from mpiopt.io.stability import stability
 
 MB = 1e6
 SUMMARY_REQUIRED = ("algorithm", "world_size", "steps", "wall_time_s", "final")
@@ -51,6 +56,8 @@ class Run:
         summary: The parsed ``summary.json``.
         eval: Columns of the ``eval`` group of ``metrics.h5`` by name (empty if none).
         ranks: Per-rank columns of the ``ranks/<r>`` groups: ``ranks[r][name]``.
+        series: The algorithm's own series of the ``series/<r>`` groups: ``series[r][name]``
+            (a parameter server's ``staleness`` and ``worker`` of every applied gradient).
         label: The short name of the run in plots and tables.
         settings: The full settings that set the run apart from the others it is compared
             with (``""`` when none do).
@@ -60,6 +67,7 @@ class Run:
     summary: dict
     eval: dict[str, np.ndarray] = field(default_factory=dict)
     ranks: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+    series: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
     label: str = ""
     settings: str = ""
 
@@ -93,8 +101,8 @@ def load_run(path: str | os.PathLike) -> Run:
     if not os.path.isdir(path):
         raise ConfigError(f"run directory not found: {path}")
     summary = _read_summary(path)
-    evals, ranks = _read_metrics(path)
-    run = Run(path=path, summary=summary, eval=evals, ranks=ranks)
+    evals, ranks, series = _read_metrics(path)
+    run = Run(path=path, summary=summary, eval=evals, ranks=ranks, series=series)
     run.label = f"{run.algorithm} {run.world_size} ranks"
     return run
 
@@ -123,8 +131,8 @@ def _read_summary(path: str) -> dict:
     return summary
 
 
-def _read_metrics(path: str) -> tuple[dict, dict]:
-    """Read the ``eval`` and ``ranks/<r>`` groups of ``metrics.h5`` in ``path``."""
+def _read_metrics(path: str) -> tuple[dict, dict, dict]:
+    """Read the ``eval``, ``ranks/<r>`` and ``series/<r>`` groups of ``metrics.h5`` in ``path``."""
     import h5py
 
     file = os.path.join(path, "metrics.h5")
@@ -133,14 +141,27 @@ def _read_metrics(path: str) -> tuple[dict, dict]:
     try:
         with h5py.File(file, "r") as h5:
             evals = _read_group(h5["eval"], file) if "eval" in h5 else {}
-            ranks = {}
-            for name, group in (h5["ranks"].items() if "ranks" in h5 else ()):
-                if not name.isdigit():
-                    raise ConfigError(f"{file}: corrupt metrics.h5 (group ranks/{name})")
-                ranks[int(name)] = _read_group(group, file)
+            ranks = _read_per_rank(h5, "ranks", file, _read_group)
+            series = _read_per_rank(h5, "series", file, _read_series)
     except (OSError, KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"{file}: corrupt metrics.h5 ({exc})") from None
-    return evals, dict(sorted(ranks.items()))
+    return evals, ranks, series
+
+
+def _read_per_rank(h5: Any, name: str, file: str, read) -> dict[int, dict[str, np.ndarray]]:
+    """Read the groups ``name/<r>`` of ``h5`` with ``read``, by rank (empty if none)."""
+    out = {}
+    for rank, group in (h5[name].items() if name in h5 else ()):
+        if not rank.isdigit():
+            raise ConfigError(f"{file}: corrupt metrics.h5 (group {name}/{rank})")
+        out[int(rank)] = read(group, file)
+    return dict(sorted(out.items()))
+
+
+def _read_series(group: Any, file: str) -> dict[str, np.ndarray]:
+    """Return the 1-D datasets of one rank's series group (each of its own length)."""
+    return {name: np.asarray(obj[()]) for name, obj in group.items()
+            if getattr(obj, "ndim", None) == 1}
 
 
 def _read_group(group: Any, file: str) -> dict[str, np.ndarray]:
@@ -353,6 +374,46 @@ def mean_bytes_sent_at(run: Run, steps: np.ndarray) -> np.ndarray | None:
     return np.mean(sent, axis=0) if sent else None
 
 
+def run_series(run: Run, name: str) -> np.ndarray | None:
+    """Return the series ``name`` of all ranks that recorded it, concatenated in rank order.
+
+    None when no rank recorded it (a run of an algorithm without it, or an older run).
+    """
+    parts = [columns[name] for columns in run.series.values() if name in columns]
+    return np.concatenate(parts) if parts else None
+
+
+def updates_per_worker(run: Run) -> np.ndarray | None:
+    """Return the gradients applied from each worker, by worker index (None: not recorded).
+
+    Counted from the ``worker`` series of ``metrics.h5``; a run without it falls back to the
+    summary's ``algorithm_info.updates_per_worker``.
+    """
+    info = run.summary.get("algorithm_info")
+    recorded = info.get("updates_per_worker") if isinstance(info, dict) else None
+    worker = run_series(run, "worker")
+    if worker is not None:
+        size = len(recorded) if isinstance(recorded, list) else 0
+        return np.bincount(worker.astype(np.int64), minlength=size)
+    if isinstance(recorded, list) and all(_is_number(v) for v in recorded):
+        return np.asarray(recorded, dtype=np.int64)
+    return None
+
+
+def run_stability(run: Run) -> dict:
+    """Return the stability measures of the run (``mean_abs_change``, ``tail_std``, ...).
+
+    The summary's ``stability`` when it has one; for an older run, the same measures computed
+    from the ``eval`` group's accuracy (with the run's ``algorithm.warmup_steps``).
+    """
+    recorded = run.summary.get("stability")
+    if isinstance(recorded, dict):
+        return recorded
+    warmup = flatten(run.summary.get("config") or {}).get("algorithm.warmup_steps", 0)
+    return stability(run.eval.get("accuracy", np.zeros(0)), run.eval.get("step"),
+                     warmup if _is_number(warmup) else 0)
+
+
 def moving_average(values: np.ndarray, window: int) -> np.ndarray:
     """Return the trailing moving average of ``values`` over full windows (``len - window + 1``)."""
     values = np.asarray(values, dtype=np.float64)
@@ -395,6 +456,8 @@ def _row(run: Run, target: float | None) -> list[str]:
         _num(per_step / MB if _is_number(per_step) else None, ".4g"), _mb_spread(run),
         _num(s.get("compute_s"), ".2f"), _num(s.get("comm_s"), ".2f"),
     ]
+    measures = run_stability(run)
+    cells += [_num(measures.get("mean_abs_change"), ".4f"), _num(measures.get("tail_std"), ".4f")]
     if target is not None:
         cells.extend(time_to_target(run, target))
     return cells
@@ -404,7 +467,8 @@ def format_table(runs: list[Run], target: float | None = None) -> str:
     """Return the markdown table comparing ``runs`` (one row each)."""
     header = ["run", "settings", "algorithm", "ranks", "steps", "final test accuracy",
               "final test loss", "wall time (s)", "MB sent / rank / step",
-              "MB sent / rank (min / mean / max)", "compute (s)", "comm (s)"]
+              "MB sent / rank (min / mean / max)", "compute (s)", "comm (s)",
+              "stability: mean abs change", "stability: tail std"]
     if target is not None:
         header += [f"time to accuracy {target:g} (s)", f"step at accuracy {target:g}"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -412,17 +476,27 @@ def format_table(runs: list[Run], target: float | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_markdown(runs: list[Run], out_dir: str, target: float | None) -> str:
-    """Write ``report.md`` (table, run paths, plots) into ``out_dir``; return its path."""
+def write_markdown(runs: list[Run], out_dir: str, target: float | None,
+                   extra_plots: tuple[tuple[str, str], ...] = ()) -> str:
+    """Write ``report.md`` (table, run paths, plots) into ``out_dir``; return its path.
+
+    ``extra_plots`` are ``(title, file name)`` pairs of plots written beside the usual three.
+    """
     parts = ["# mpiopt report", "", format_table(runs, target),
              "MB = 10^6 bytes. MB sent / rank / step is the mean over ranks; min / mean / max "
              "are over ranks of the MB each sent in its steps. compute and comm are seconds "
-             "per rank (mean over ranks). settings: the configuration keys whose values differ "
-             "between the runs.", "", "## Runs", ""]
+             "per rank (mean over ranks). stability (lower is steadier): the mean absolute "
+             "change of test accuracy between consecutive evaluations after the warm-up (the "
+             "first 20% of evaluations, or those within algorithm.warmup_steps), and its "
+             "standard deviation over the last 20% of evaluations; n/a with fewer than 3. "
+             "settings: the configuration keys whose values differ between the runs.", "",
+             "## Runs", ""]
     parts += [f"- {_cell(run.label)}: {_cell(run.settings or 'no differing settings')}; "
               f"`{run.path}`" for run in runs]
     parts += ["", "## Plots", "", "![test loss](loss.png)", "", "![test accuracy](accuracy.png)",
               "", "![training loss](training_loss.png)", ""]
+    for title, name in extra_plots:
+        parts += [f"![{title}]({name})", ""]
     path = os.path.join(out_dir, "report.md")
     with open(path, "w", encoding="utf-8") as fh:
         fh.write("\n".join(parts))
@@ -558,6 +632,84 @@ def training_loss_figure(runs: list[Run]) -> Any:
     return fig
 
 
+PANEL_COLUMNS = 3  # small multiples: panels per row
+
+
+def _panels(count: int, title: str) -> tuple[Any, list[Any]]:
+    """Return a figure with ``count`` panels, ``PANEL_COLUMNS`` a row, and its axes."""
+    from matplotlib.figure import Figure
+
+    cols = min(count, PANEL_COLUMNS)
+    rows = -(-count // cols)
+    fig = Figure(figsize=(5.2 * cols, 3.4 * rows + 0.6), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[count:]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    return fig, list(axes[:count])
+
+
+def staleness_figure(runs: list[Run]) -> Any | None:
+    """Return histograms of the staleness of the applied gradients, a panel per run.
+
+    Only runs that recorded a ``staleness`` series get a panel (None if none did). Bars are
+    the share of the run's applied gradients with each staleness, on one x scale for all
+    panels; lines mark the mean and the 99th percentile.
+    """
+    data = [(i, run, run_series(run, "staleness")) for i, run in enumerate(runs)]
+    data = [(i, run, values) for i, run, values in data if values is not None and len(values)]
+    if not data:
+        return None
+    from matplotlib.ticker import MaxNLocator
+
+    top = max(int(values.max()) for _, _, values in data)
+    bins = np.arange(top + 2) - 0.5 if top < 60 else np.linspace(-0.5, top + 0.5, 61)
+    fig, axes = _panels(len(data), "staleness of the applied gradients (updates applied "
+                        "between a gradient's model and its own)")
+    for ax, (i, run, values) in zip(axes, data, strict=True):
+        colour = _colour(i, len(runs))
+        ax.hist(values, bins=bins, weights=np.full(len(values), 1 / len(values)), color=colour,
+                alpha=0.75)
+        mean, p99 = float(values.mean()), float(np.percentile(values, 99))
+        ax.axvline(mean, color="black", linestyle="--", label=f"mean {mean:.2f}")
+        ax.axvline(p99, color="black", linestyle=":", label=f"p99 {p99:g}")
+        ax.set_title(run.label, fontsize="medium")
+        ax.set_xlabel(f"staleness ({len(values)} applied gradients)")
+        ax.set_ylabel("share of applied gradients")
+        ax.set_xlim(bins[0], bins[-1])
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize="small")
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def workers_figure(runs: list[Run]) -> Any | None:
+    """Return bars of the gradients applied from each worker, a panel per run.
+
+    Only runs that know their per-worker counts get a panel (None if none did); a dashed
+    line marks the even share.
+    """
+    data = [(i, run, updates_per_worker(run)) for i, run in enumerate(runs)]
+    data = [(i, run, counts) for i, run, counts in data if counts is not None and len(counts)]
+    if not data:
+        return None
+    fig, axes = _panels(len(data), "gradients applied from each worker")
+    for ax, (i, run, counts) in zip(axes, data, strict=True):
+        workers = np.arange(len(counts))
+        ax.bar(workers, counts, color=_colour(i, len(runs)), alpha=0.75)
+        even = counts.sum() / len(counts)
+        ax.axhline(even, color="black", linestyle="--", label=f"even share {even:.1f}")
+        ax.set_title(run.label, fontsize="medium")
+        ax.set_xlabel("worker index (rank - 1 with one server)")
+        ax.set_ylabel("applied gradients")
+        if len(counts) <= 16:
+            ax.set_xticks(workers)
+        ax.set_ylim(0, max(counts.max(), 1) * 1.2)  # headroom: the legend clears the bars
+        ax.legend(fontsize="small", loc="upper center")
+        ax.grid(alpha=0.3, axis="y")
+    return fig
+
+
 def _save(fig: Any, path: str) -> str:
     """Write ``fig`` as a PNG at 100 dpi; return ``path``."""
     fig.savefig(path, dpi=100)
@@ -595,7 +747,9 @@ def make_report(run_dirs: list[str], out_dir: str, target: float | None = None) 
         target: An eval accuracy; the table then says when each run first reached it.
 
     Returns:
-        The paths written: ``loss.png``, ``accuracy.png``, ``training_loss.png``, ``report.md``.
+        The paths written: ``loss.png``, ``accuracy.png``, ``training_loss.png``, then
+        ``staleness.png`` and ``workers.png`` when some run recorded staleness and gradients
+        per worker (a parameter server), and ``report.md``.
 
     Raises:
         ConfigError: No run given, a run directory is missing or unreadable, ``target`` is out
@@ -614,9 +768,15 @@ def make_report(run_dirs: list[str], out_dir: str, target: float | None = None) 
     import matplotlib
 
     matplotlib.use("Agg")
-    return [
+    written = [
         _save(metric_figure(runs, "loss"), os.path.join(out_dir, "loss.png")),
         _save(metric_figure(runs, "accuracy"), os.path.join(out_dir, "accuracy.png")),
         _save(training_loss_figure(runs), os.path.join(out_dir, "training_loss.png")),
-        write_markdown(runs, out_dir, target),
     ]
+    extra = []
+    for title, name, fig in (("staleness", "staleness.png", staleness_figure(runs)),
+                             ("gradients per worker", "workers.png", workers_figure(runs))):
+        if fig is not None:
+            written.append(_save(fig, os.path.join(out_dir, name)))
+            extra.append((title, name))
+    return written + [write_markdown(runs, out_dir, target, tuple(extra))]

@@ -15,6 +15,7 @@ import shutil
 import time
 
 import h5py
+import numpy as np
 
 from mpiopt import __version__, backend, kernels
 from mpiopt.algorithms.base import WORKER, Context, reporter_rank
@@ -23,6 +24,7 @@ from mpiopt.config import Config
 from mpiopt.errors import ConfigError
 from mpiopt.faults import FaultInjector
 from mpiopt.io.metrics import StepLog, merge, rank_log_path
+from mpiopt.io.stability import stability
 from mpiopt.progress import Progress
 from mpiopt.schema import load_config
 
@@ -159,6 +161,13 @@ def _time_to_target(ctx: Context, target) -> dict | None:
     return None
 
 
+def _stability(ctx: Context, cfg: Config) -> dict:
+    """Return the stability measures of the evaluations' test accuracy (io.stability)."""
+    columns = ctx.evals.columns()
+    accuracy = columns.get("accuracy", np.zeros(0))
+    return stability(accuracy, columns.get("step"), cfg.algorithm.warmup_steps)
+
+
 def _by_channel(totals: list[dict]) -> dict:
     """Mean bytes sent and received per rank per step on each channel (phase) that was used.
 
@@ -188,6 +197,7 @@ def _summary(ctx: Context, cfg: Config, totals: list[dict], wall: float) -> dict
         "comm_s": sum(t["comm"] for t in totals) / n,
         "peak_rss_mb": [t["rss"] for t in totals],
         "seed": cfg.run.seed, "time_to_target": _time_to_target(ctx, cfg.run.target_accuracy),
+        "stability": _stability(ctx, cfg),
         "model_dim": int(ctx.problem.dim), "mpi": mpi_info()["library"],
         "cuda_aware_mpi": ctx.transport.cuda_aware,
         "mpiopt_version": __version__, "config": cfg.to_dict(),
@@ -206,6 +216,7 @@ def finish(ctx: Context, cfg: Config, algo, out: str) -> dict | None:
     """Close the logs, merge metrics, save the model and write summary.json (rank 0)."""
     wall = ctx.elapsed()
     rows = ctx.steplog
+    rows.write_series(algo.series())
     rows.close()
     mine = {"steps": ctx.steps_done, "sent": ctx.transport.bytes_sent(),
             "recv": ctx.transport.bytes_recv(), "compute": rows.compute_s, "comm": rows.comm_s,

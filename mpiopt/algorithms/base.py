@@ -263,6 +263,15 @@ class Algorithm:
         """Return facts about this run's algorithm for ``summary.json`` (rank 0's copy)."""
         return {}
 
+    def series(self) -> dict[str, tuple[Any, str]]:
+        """Return this rank's own series for ``metrics.h5``: ``name -> (1-D array, doc)``.
+
+        Asked of every rank at the end of the run; each non-empty answer is written to
+        ``series/<rank>/<name>``, every series with its own length (one row per event of the
+        method: an applied gradient, a gossip exchange...) and ``doc`` as its description.
+        """
+        return {}
+
 
 class ModelAlgorithm(Algorithm):
     """An algorithm whose every rank holds a model ``x``, a gradient ``g`` and an optimizer.

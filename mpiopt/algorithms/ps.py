@@ -188,6 +188,15 @@ class ParameterServer(AsynchronousAlgorithm):
         if self.ctx.role == WORKER:  # the server computes no gradients
             super().warm_up()
 
+    def series(self) -> dict:
+        """The server's record of every applied gradient, in order (workers have none)."""
+        if self.ctx.role != SERVER:
+            return {}
+        return {"staleness": (np.asarray(self.staleness, np.int64),
+                              "updates applied between the gradient's model and its own"),
+                "worker": (np.asarray(self.applied_from, np.int64),
+                           "index of the worker that pushed it (as in updates_per_worker)")}
+
     def summary_info(self) -> dict:
         """The server's facts (the runner asks rank 0, the server)."""
         s = np.asarray(self.staleness, dtype=np.float64)

@@ -10,7 +10,13 @@ files and its evaluations into ``metrics.h5``:
   per local step of rank r (bytes and seconds of that step);
 - ``eval/{step, time, bytes_sent, loss, accuracy, ...}``, one row per evaluation, where
   ``bytes_sent`` is the cumulative bytes sent per rank so far and further columns are the
-  algorithm's own (``consensus_distance``, ``avg_accuracy``, ...).
+  algorithm's own (``consensus_distance``, ``avg_accuracy``, ...);
+- ``series/<r>/<name>``: the algorithm's own 1-D series of rank r (``Algorithm.series()``),
+  each with its own length and a ``doc`` attribute, for the ranks that have any; the group
+  ``series`` is always there. A parameter server's rank 0 writes ``staleness`` and ``worker``,
+  one row per applied gradient in the order applied: its staleness (updates applied between
+  the model it was computed at and its own) and the index of the worker it came from (its
+  place among the workers, as in ``updates_per_worker``; rank ``index + 1`` with one server).
 """
 
 from __future__ import annotations
@@ -69,6 +75,14 @@ class StepLog:
         self.rows, self.fill = new, 0
         self.file.flush()
 
+    def write_series(self, series: dict) -> None:
+        """Store this rank's named 1-D series (``name -> (array, doc)``) under ``series/``."""
+        if not series:
+            return
+        group = self.file.require_group("series")
+        for name, (values, doc) in series.items():
+            group.create_dataset(name, data=np.asarray(values)).attrs["doc"] = doc
+
     def close(self) -> None:
         """Flush and close the file."""
         if self.file is not None:
@@ -117,11 +131,14 @@ def merge(run_dir: str, world_size: int, evals: EvalLog, attrs: dict) -> str:
         for key, value in attrs.items():
             out.attrs[key] = value
         ranks = out.create_group("ranks")
+        series = out.create_group("series")
         for r in range(world_size):
             with h5py.File(rank_log_path(run_dir, r), "r") as src:
                 group = ranks.create_group(str(r))
                 for name, _ in STEP_FIELDS:
                     src.copy(src[name], group, name=name)
+                if "series" in src:
+                    src.copy(src["series"], series, name=str(r))
         ev = out.create_group("eval")
         for name, column in evals.columns().items():
             ev.create_dataset(name, data=column)
@@ -131,9 +148,10 @@ def merge(run_dir: str, world_size: int, evals: EvalLog, attrs: dict) -> str:
 
 
 def read_metrics(path: str) -> dict:
-    """Read ``metrics.h5`` into ``{"attrs": ..., "ranks": [...], "eval": {...}}``."""
+    """Read ``metrics.h5`` into ``{"attrs", "ranks": [...], "eval": {...}, "series": {r: ...}}``."""
     with h5py.File(path, "r") as f:
         ranks = [{k: f["ranks"][str(r)][k][()] for k in f["ranks"][str(r)]}
                  for r in range(len(f["ranks"]))]
+        series = {int(r): {k: g[k][()] for k in g} for r, g in f.get("series", {}).items()}
         return {"attrs": dict(f.attrs), "ranks": ranks,
-                "eval": {k: f["eval"][k][()] for k in f["eval"]}}
+                "eval": {k: f["eval"][k][()] for k in f["eval"]}, "series": series}

@@ -6,6 +6,8 @@ import pytest
 from conftest import run_check_script
 from test_run import read_summary, run, write_config
 
+from mpiopt.io.stability import stability
+
 pytestmark = pytest.mark.mpi
 
 ASGD = {"name": "asgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4}
@@ -69,3 +71,35 @@ def test_partial_beyond_the_workers_is_refused(tmp_path):
     assert res.returncode == 2 and not (tmp_path / "x").exists()
     assert res.stderr == ("mpiopt: error: algorithm.partial: 3 is more than the 2 workers "
                           "(ranks 1..2); valid: 1..2\n")
+
+
+def test_metrics_record_every_applied_gradient(tmp_path):
+    cfg = write_config(tmp_path, {"algorithm": ASGD, "run": {"steps": 300, "eval_every": 25}})
+    res = run(3, cfg, tmp_path / "ps")
+    assert res.returncode == 0, res.stderr
+    s = read_summary(tmp_path / "ps")
+    info = s["algorithm_info"]
+    with h5py.File(tmp_path / "ps" / "metrics.h5") as f:
+        assert list(f["series"]) == ["0"]  # the server's; workers record none
+        staleness, worker = f["series/0/staleness"][()], f["series/0/worker"][()]
+        server_rows = len(f["ranks/0/step"])
+        accuracy, eval_steps = f["eval/accuracy"][()], f["eval/step"][()]
+    # One row per applied update (the server's step rows are the pushes it applied).
+    assert len(staleness) == len(worker) == info["updates_applied"] == server_rows
+    assert np.bincount(worker, minlength=2).tolist() == info["updates_per_worker"]
+    assert info["updates_per_worker"] == s["steps_per_rank"][1:]
+    stats = info["staleness"]
+    assert (stats["mean"], stats["max"]) == (staleness.mean(), staleness.max())
+    assert (stats["p50"], stats["p99"]) == tuple(np.percentile(staleness, [50, 99]))
+    # asgd answers a push as soon as it applies it, so a worker's next gradient was computed
+    # at the model that followed its previous one: its staleness is the count of updates
+    # applied in between, which the order of the worker series gives.
+    last = {}
+    for j, k in enumerate(worker.tolist()):
+        assert staleness[j] == j - last.get(k, -1) - 1, j
+        last[k] = j
+    assert staleness.max() > 0  # two workers overlap
+    # Stability: from the evaluations (every 25 applied updates, then the final model).
+    assert len(accuracy) >= 12
+    assert s["stability"] == stability(accuracy, eval_steps)
+    assert s["stability"]["mean_abs_change"] is not None

@@ -8,7 +8,7 @@ import pytest
 
 from mpiopt.errors import ConfigError
 from mpiopt.faults import Fault, FaultInjector, InjectedFault, parse
-from mpiopt.io.metrics import EvalLog, StepLog, merge, rank_log_path, read_metrics
+from mpiopt.io.metrics import STEP_FIELDS, EvalLog, StepLog, merge, rank_log_path, read_metrics
 
 
 def test_steplog_flushes_in_chunks_with_flat_memory(tmp_path):
@@ -46,6 +46,26 @@ def test_merge_builds_the_contract_layout(tmp_path):
     assert m["eval"]["step"].tolist() == [5, 7]
     assert np.isnan(m["eval"]["consensus_distance"][0])
     assert m["attrs"]["world_size"] == 3
+
+
+def test_merge_writes_each_ranks_series(tmp_path):
+    (tmp_path / ".ranks").mkdir()
+    for r in range(3):
+        log = StepLog(rank_log_path(str(tmp_path), r), chunk=16)
+        log.append(0, 0.0, 0.5, 0.1, 0, 0, 0.0, 0.0)
+        if r != 1:  # rank 1 has no series of its own
+            log.write_series({"staleness": (np.arange(4 + r), "updates between"),
+                              "worker": (np.array([r] * (4 + r)), "who")})
+        log.write_series({})
+        log.close()
+    merge(str(tmp_path), 3, EvalLog(), {"world_size": 3})
+    with h5py.File(tmp_path / "metrics.h5") as f:
+        assert sorted(f["series"]) == ["0", "2"]
+        assert f["series/2/staleness"].attrs["doc"] == "updates between"
+        assert list(f["ranks/0"]) == sorted(name for name, _ in STEP_FIELDS)
+    m = read_metrics(str(tmp_path / "metrics.h5"))
+    assert m["series"][0]["staleness"].tolist() == [0, 1, 2, 3]
+    assert m["series"][2]["worker"].tolist() == [2] * 6 and 1 not in m["series"]
 
 
 def test_fault_parsing():

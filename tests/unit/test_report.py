@@ -20,7 +20,11 @@ from mpiopt.report import (
     metric_figure,
     moving_average,
     rank_bytes_sent,
+    run_series,
+    staleness_figure,
     training_loss_figure,
+    updates_per_worker,
+    workers_figure,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -44,11 +48,12 @@ def config_with(**changes):
 
 def write_run(path, config, world_size=2, steps=40, evals=None, wall=12.5, final=None,
               bytes_per_step=25000.0, compute=8.25, comm=3.5, time_to_target=None,
-              rank_steps=None, rank_bytes=None):
+              rank_steps=None, rank_bytes=None, series=None, **extra):
     """Write a run directory exactly as ``mpiopt run`` does; return the summary.
 
     Rank r records ``rank_steps[r]`` steps (default ``steps``) of ``rank_bytes[r]`` bytes
-    sent each (default ``bytes_per_step``, the summary's mean per rank per step).
+    sent each (default ``bytes_per_step``, the summary's mean per rank per step) and the
+    series ``series[r]`` (name -> values; none by default). ``extra`` goes into the summary.
     """
     os.makedirs(path)
     algorithm = config["algorithm"]["name"]
@@ -61,7 +66,7 @@ def write_run(path, config, world_size=2, steps=40, evals=None, wall=12.5, final
         "bytes_recv_total": int(bytes_per_step * steps * world_size),
         "bytes_sent_per_rank_per_step": bytes_per_step, "compute_s": compute, "comm_s": comm,
         "peak_rss_mb": [100.0] * world_size, "seed": 0, "time_to_target": time_to_target,
-        "config": config,
+        "config": config, **extra,
     }
     with open(os.path.join(path, "summary.json"), "w") as fh:
         json.dump(summary, fh)
@@ -75,6 +80,10 @@ def write_run(path, config, world_size=2, steps=40, evals=None, wall=12.5, final
             n = steps if rank_steps is None else rank_steps[r]
             sent = bytes_per_step if rank_bytes is None else rank_bytes[r]
             write_rank(h5.create_group(f"ranks/{r}"), n, r, sent)
+        h5.create_group("series")
+        for r, columns in (series or {}).items():
+            for name, values in columns.items():
+                h5.create_dataset(f"series/{r}/{name}", data=np.asarray(values))
         group = h5.create_group("eval")
         for name, values in (evals or {}).items():
             dtype = np.int64 if name == "step" else np.float64
@@ -495,3 +504,128 @@ def test_moving_average():
     np.testing.assert_allclose(moving_average(np.array([5.0, 7.0]), 1), [5, 7])
     np.testing.assert_allclose(moving_average(np.array([5.0, 7.0]), 10), [6])
     assert moving_average(np.zeros(0), 3).size == 0
+
+
+# --------------------------------------------------------------------------- parameter server
+
+# Run p's server applied ten gradients: their staleness and the worker each came from.
+STALENESS_P = [0, 1, 0, 2, 1, 1, 3, 0, 1, 1]
+WORKER_P = [0, 1, 1, 1, 0, 1, 1, 0, 1, 1]
+STABILITY_P = {"mean_abs_change": 0.0123, "tail_std": 0.0045, "evaluations": 5, "warmup": 1,
+               "tail": 2}
+
+
+@pytest.fixture(scope="module")
+def ps_runs(tmp_path_factory):
+    """Three runs: p (asgd, series in metrics.h5 and stability in its summary), q (asgd of
+    an older mpiopt: per-worker counts in its summary only, no series, no stability) and r
+    (allreduce: neither)."""
+    root = tmp_path_factory.mktemp("ps")
+    cfg = config_with(algorithm__name="asgd")
+    info = {"updates_applied": 10, "updates_per_worker": [3, 7],
+            "staleness": {"mean": 1.0, "p50": 1.0, "p99": 2.91, "max": 3}}
+    write_run(str(root / "p"), cfg, world_size=3, evals=EVALS_A, algorithm_info=info,
+              series={0: {"staleness": STALENESS_P, "worker": WORKER_P}},
+              stability=STABILITY_P)
+    write_run(str(root / "q"), cfg, world_size=5, evals=EVALS_B,
+              algorithm_info={"updates_per_worker": [4, 4, 2, 0]})
+    write_run(str(root / "r"), config_with(algorithm__name="allreduce"), evals=EVALS_A)
+    return [str(root / name) for name in "pqr"]
+
+
+def visible_axes(fig):
+    return [ax for ax in fig.axes if ax.get_visible()]
+
+
+def test_load_run_reads_series_apart_from_the_step_columns(ps_runs):
+    p, q, _ = (load_run(path) for path in ps_runs)
+    assert sorted(p.series) == [0] and sorted(p.series[0]) == ["staleness", "worker"]
+    assert p.series[0]["staleness"].tolist() == STALENESS_P
+    assert len(p.ranks[0]["step"]) == 40  # the step table keeps its own length
+    assert q.series == {}
+
+
+def test_series_and_updates_per_worker(ps_runs):
+    p, q, r = (load_run(path) for path in ps_runs)
+    assert run_series(p, "worker").tolist() == WORKER_P and run_series(q, "worker") is None
+    assert updates_per_worker(p).tolist() == [3, 7]  # counted from the series
+    assert updates_per_worker(q).tolist() == [4, 4, 2, 0]  # the summary's, for older runs
+    assert updates_per_worker(r) is None
+    # A worker whose gradients were never applied still has its (empty) bar.
+    p.summary["algorithm_info"]["updates_per_worker"] = [3, 7, 0]
+    assert updates_per_worker(p).tolist() == [3, 7, 0]
+
+
+def test_staleness_histogram_per_run_that_has_it(ps_runs):
+    runs = labelled_runs(ps_runs)
+    fig = staleness_figure(runs)
+    (ax,) = visible_axes(fig)  # only p recorded staleness
+    assert ax.get_title() == runs[0].label
+    heights = [patch.get_height() for patch in ax.patches]
+    np.testing.assert_allclose(heights, np.bincount(STALENESS_P) / len(STALENESS_P))
+    assert [patch.get_x() + patch.get_width() / 2 for patch in ax.patches] == [0, 1, 2, 3]
+    mean, p99 = (line.get_xdata()[0] for line in ax.lines)
+    assert mean == pytest.approx(1.0) and p99 == pytest.approx(np.percentile(STALENESS_P, 99))
+    assert "10 applied gradients" in ax.get_xlabel()
+    assert staleness_figure(runs[1:]) is None
+
+
+def test_workers_bars_per_run_that_has_them(ps_runs):
+    runs = labelled_runs(ps_runs)
+    fig = workers_figure(runs)
+    axes = visible_axes(fig)
+    assert [ax.get_title() for ax in axes] == [runs[0].label, runs[1].label]
+    for ax, counts in zip(axes, ([3, 7], [4, 4, 2, 0]), strict=True):
+        assert [patch.get_height() for patch in ax.patches] == counts
+        assert ax.lines[0].get_ydata()[0] == pytest.approx(np.mean(counts))  # the even share
+    assert workers_figure(runs[2:]) is None
+
+
+def test_report_of_parameter_server_runs_adds_its_plots(ps_runs, tmp_path):
+    out = str(tmp_path / "out")
+    written = make_report(ps_runs, out)
+    names = ["loss.png", "accuracy.png", "training_loss.png", "staleness.png", "workers.png",
+             "report.md"]
+    assert written == [os.path.join(out, name) for name in names]
+    assert all(is_png(path) for path in written[:5])
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "![staleness](staleness.png)" in markdown
+    assert "![gradients per worker](workers.png)" in markdown
+
+
+def test_table_shows_stability(ps_runs, report):
+    rows = list(table_rows(make_report_text(ps_runs)).values())
+    keys = ("stability: mean abs change", "stability: tail std")
+    # p: the summary's measures. q and r: no stability in their summaries (older runs), so
+    # measured on their evaluations: B's accuracy 0.1, 0.4, 0.5, 0.6, 0.65 without the first
+    # (warm-up) changes by 0.1, 0.1, 0.05; the last two (tail) are 0.6 and 0.65.
+    assert [tuple(row[k] for k in keys) for row in rows] == [
+        ("0.0123", "0.0045"), (f"{0.25 / 3:.4f}", "0.0250"), (f"{0.31 / 3:.4f}", "0.0150")]
+    # The run without evaluations (c) has no measures.
+    c = next(row for label, row in table_rows(report[2]).items() if "allreduce" in label)
+    assert (c[keys[0]], c[keys[1]]) == ("n/a", "n/a")
+
+
+def make_report_text(paths):
+    """Return report.md of the runs at ``paths``, written in a temporary directory."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as out:
+        make_report(paths, out)
+        with open(os.path.join(out, "report.md")) as fh:
+            return fh.read()
+
+
+def test_stability_of_an_older_run_skips_its_learning_rate_warm_up(tmp_path):
+    path = str(tmp_path / "run")
+    write_run(path, config_with(algorithm__warmup_steps=20), evals=EVALS_A)
+    row = next(iter(table_rows(make_report_text([path])).values()))
+    # Evaluations at steps 0, 10 and 20 are warm-up: one change left, 0.83 to 0.86.
+    assert row["stability: mean abs change"] == "0.0300"
+
+
+def test_corrupt_series_is_config_error(tmp_path):
+    path = str(tmp_path / "run")
+    write_run(path, config_with(), evals=EVALS_A, series={"server": {"staleness": [1]}})
+    with pytest.raises(ConfigError, match="corrupt metrics.h5 \\(group series/server\\)"):
+        load_run(path)
