@@ -34,7 +34,7 @@ def _assert_cover(shards, x_full, y_full):
 
 
 def test_every_dataset_is_registered():
-    assert {"synthetic", "digits", "hdf5"} <= set(DATASETS.names())
+    assert {"synthetic", "digits", "hdf5", "fashion_mnist"} <= set(DATASETS.names())
 
 
 def test_every_key_is_documented():
