@@ -25,9 +25,7 @@ KEY = "data.path"
 PACKAGE = "dataset-fashion-mnist"
 # Where Debian's package puts the files (`dpkg -L dataset-fashion-mnist`).
 PACKAGE_DIR = "/usr/share/datasets/fashion-mnist"
-N_CLASSES = 10
-CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-           "Sneaker", "Bag", "Ankle boot")
+N_CLASSES = 10  # T-shirt/top, trouser, pullover, dress, coat, sandal, shirt, sneaker, bag, boot
 
 
 @DATASETS.register("fashion_mnist")
