@@ -6,5 +6,5 @@ when the configuration names it.
 
 from mpiopt.config import Registry
 
-DATASETS = Registry("data", __name__, {"digits": "datasets", "hdf5": "hdf5",
-                                      "synthetic": "datasets"})
+DATASETS = Registry("data", __name__, {"digits": "datasets", "fashion_mnist": "fashion",
+                                      "hdf5": "hdf5", "synthetic": "datasets"})

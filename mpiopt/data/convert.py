@@ -106,8 +106,8 @@ def _read_mnist(src: str) -> tuple[tuple, tuple]:
     """Read the four IDX files of an MNIST-style dataset in ``src``."""
     pairs = []
     for prefix in ("train", "t10k"):
-        x = parse_idx(_find_idx(src, f"{prefix}-images-idx3-ubyte"))
-        y = parse_idx(_find_idx(src, f"{prefix}-labels-idx1-ubyte"))
+        x = parse_idx(find_idx(src, f"{prefix}-images-idx3-ubyte"))
+        y = parse_idx(find_idx(src, f"{prefix}-labels-idx1-ubyte"))
         if x.ndim != 3 or y.ndim != 1 or x.dtype != np.uint8 or y.dtype != np.uint8:
             raise ConfigError(f"{prefix} files in {src}: expected uint8 images (N, rows, cols) "
                               f"and uint8 labels (N,), got {x.dtype} {x.shape} and "
@@ -121,14 +121,18 @@ def _read_mnist(src: str) -> tuple[tuple, tuple]:
     return pairs[0], pairs[1]
 
 
-def _find_idx(src: str, name: str) -> str:
-    """Return the path of IDX file ``name`` in ``src``, gzipped or not, in either spelling."""
+def find_idx(src: str, name: str, key: str | None = None) -> str:
+    """Return the path of IDX file ``name`` in ``src``, gzipped or not, in either spelling.
+
+    Raises:
+        ConfigError: naming ``key`` if no spelling of the file is in ``src``.
+    """
     dotted = name.replace("-idx", ".idx")
     for candidate in (name, name + ".gz", dotted, dotted + ".gz"):
         path = os.path.join(src, candidate)
         if os.path.isfile(path):
             return path
-    raise ConfigError(f"missing {name} (or {name}.gz) in {src}")
+    raise ConfigError(f"missing {name} (or {name}.gz) in {src}", key=key)
 
 
 def parse_idx(path: str) -> np.ndarray:

@@ -39,7 +39,7 @@ INVALID = [
     ("unknown problem", lambda t: QUICK, ["--set", "problem.name=cnn"],
      "problem.name: unknown problem 'cnn'; valid: mlp, softmax"),
     ("unknown dataset", lambda t: QUICK, ["--set", "data.name=mnist"],
-     "data.name: unknown data 'mnist'; valid: digits, hdf5, synthetic"),
+     "data.name: unknown data 'mnist'; valid: digits, fashion_mnist, hdf5, synthetic"),
     ("wrong type", lambda t: QUICK, ["--set", "data.batch_size=big"],
      "data.batch_size: expected integer, got 'big'"),
     ("negative lr", lambda t: QUICK, ["--set", "algorithm.lr=-0.1"],

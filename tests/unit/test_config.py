@@ -69,7 +69,7 @@ def test_unknown_names_list_the_valid_ones():
         ALGORITHMS.names())
     assert "valid: mlp, softmax" in error_of(config_from_dict, {**BASE, "problem": {
         "name": "cnn"}})
-    assert "valid: digits, hdf5, synthetic" in error_of(config_from_dict, {
+    assert "valid: digits, fashion_mnist, hdf5, synthetic" in error_of(config_from_dict, {
         **BASE, "data": {"name": "imagenet"}})
     assert error_of(config_from_dict, {"problem": {"name": "mlp"}}).startswith(
         "data.name: missing; valid:")

@@ -10,6 +10,7 @@ from mpiopt.data import DATASETS
 from mpiopt.data.datasets import DigitsData, SyntheticData
 from mpiopt.data.describe import describe
 from mpiopt.data.hdf5 import Hdf5Data, read_rows
+from mpiopt.data.partition import partition
 from mpiopt.errors import ConfigError
 from mpiopt.schema import resolve_name
 
@@ -33,7 +34,7 @@ def _assert_cover(shards, x_full, y_full):
 
 
 def test_every_dataset_is_registered():
-    assert {"synthetic", "digits", "hdf5"} <= set(DATASETS.names())
+    assert {"synthetic", "digits", "hdf5", "fashion_mnist"} <= set(DATASETS.names())
 
 
 def test_every_key_is_documented():
@@ -245,13 +246,34 @@ class _RecordingDataset:
         return self.array[rows]
 
 
-def test_read_rows_requests_only_the_given_rows_in_blocks():
+def test_read_rows_reads_dense_rows_as_covering_ranges_in_blocks():
     array = np.arange(100 * 4, dtype=np.uint8).reshape(100, 2, 2)
-    dataset, rows = _RecordingDataset(array), np.array([1, 5, 6, 40, 41, 42, 99])
-    out = read_rows(dataset, rows, block_bytes=8)  # 2 rows of 4 bytes per request
-    assert np.array_equal(np.concatenate(dataset.requests), rows)
-    assert max(len(r) for r in dataset.requests) == 2
-    assert np.array_equal(out, array[rows].reshape(7, 4).astype(np.float32) / 255)
+    dataset, rows = _RecordingDataset(array), np.array([1, 3, 6, 40, 41, 42, 43, 99])
+    out = read_rows(dataset, rows, block_bytes=16)  # ranges of at most 4 rows of 4 bytes
+    assert [list(r) for r in dataset.requests] == [[1, 2, 3], [6], [40, 41, 42, 43], [99]]
+    assert np.array_equal(out, array[rows].reshape(8, 4).astype(np.float32) / 255)
+
+
+def test_read_rows_reads_sparse_rows_as_a_selection():
+    array = np.arange(1000 * 3, dtype=np.int16).reshape(1000, 3)
+    dataset = _RecordingDataset(array)
+    rows = np.arange(0, 1000, hdf5_module.SPARSE + 1)  # one row in 17: sparser than 1 in 16
+    out = read_rows(dataset, rows)
+    assert len(dataset.requests) == 1 and np.array_equal(dataset.requests[0], rows)
+    assert np.array_equal(out, array[rows].astype(np.float32))
+    dense = _RecordingDataset(array)
+    read_rows(dense, np.arange(0, 1000, hdf5_module.SPARSE))  # one row in 16: one range
+    assert len(dense.requests) == 1 and np.array_equal(dense.requests[0], np.arange(993))
+
+
+@pytest.mark.parametrize("world_size", (1, 2, 3, 8, 40))
+def test_read_rows_equals_fancy_indexing_of_a_real_file(tmp_path, world_size):
+    x = np.random.default_rng(0).integers(0, 256, (2000, 5, 3), dtype=np.uint8)
+    path = _write(tmp_path / "d.h5", (x, np.arange(2000) % 4))
+    with h5py.File(path, "r") as f:
+        for rows in partition(np.arange(2000) % 4, world_size, "iid", 0, 0.5, 2):
+            expected = x[rows].reshape(len(rows), 15).astype(np.float32) / 255
+            assert np.array_equal(read_rows(f["train/x"], rows, block_bytes=1000), expected)
 
 
 def test_hdf5_shorthand_sets_path():
