@@ -17,10 +17,8 @@ class ASGD(ParameterServer):
     """Apply every pushed gradient on arrival; momentum and weight decay on the workers."""
 
     def prepare(self, g, step: int) -> None:
+        super().prepare(g, step)  # weight decay
         cfg, state = self.cfg, self.state
-        if cfg.weight_decay:
-            self.ctx.xp.multiply(self.x, cfg.weight_decay, out=state.scratch)
-            g += state.scratch
         if cfg.momentum:
             m = state.momentum
             m *= cfg.momentum

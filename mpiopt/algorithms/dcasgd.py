@@ -53,17 +53,10 @@ class DCASGD(ParameterServer):
         if self.ctx.role != SERVER:
             return
         xp = self.ctx.xp
-        for b in self.outbox:  # every worker starts from the initial model, sent or not
-            b[...] = self.x
         self.lam = self.cfg.lam_value()
         self.diff = xp.empty_like(self.x)
         self.mean_square = xp.zeros_like(self.x) if self.cfg.adaptive else None
         self.velocity = [None] * len(self.workers)  # momentum of each worker (on first use)
-
-    def prepare(self, g, step: int) -> None:
-        if self.cfg.weight_decay:
-            self.ctx.xp.multiply(self.x, self.cfg.weight_decay, out=self.state.scratch)
-            g += self.state.scratch
 
     def compensate(self, w, g, backup, out) -> None:
         """Write the compensated gradient ``g + lam_t * g * g * (w - backup)`` into ``out``.

@@ -47,11 +47,6 @@ class GSGM(ParameterServer):
         self.round, self.round_start = 0, time.monotonic()
         self.rounds_of_updates: list[int] = []  # the round of every applied gradient
 
-    def prepare(self, g, step: int) -> None:
-        if self.cfg.weight_decay:
-            self.ctx.xp.multiply(self.x, self.cfg.weight_decay, out=self.state.scratch)
-            g += self.state.scratch
-
     def apply(self, w, g, worker: int, staleness: int, lr: float) -> None:
         xp, scratch = self.ctx.xp, self.state.scratch
         if self.last[worker] is None:

@@ -28,6 +28,7 @@ import numpy as np
 
 from mpiopt.algorithms.base import SERVER, WORKER, AsynchronousAlgorithm, SGDConfig
 from mpiopt.comm.transport import Channel, CommTimeout, wait_any
+from mpiopt.config import param
 from mpiopt.errors import ConfigError
 
 
@@ -51,10 +52,12 @@ class ParameterServer(AsynchronousAlgorithm):
     def _setup_server(self) -> None:
         t, d, n = self.ctx.transport, self.d, len(self.workers)
         self.inbox = [np.zeros(d + 1, np.float32) for _ in self.workers]
-        self.outbox = [np.empty(d, np.float32) for _ in self.workers]
+        # The model last sent to each worker: at first the initial model every rank holds.
+        self.outbox = [self.x.copy() for _ in self.workers]
         self.replies = [None] * n
         self.sent_version = np.zeros(n, np.int64)
         self.applied = np.zeros(n, np.int64)
+        self.dropped = np.zeros(n, np.int64)  # pushes older than algorithm.staleness_bound
         self.version = 0
         self.staleness: list[int] = []  # of every applied gradient, in order
         self.applied_from: list[int] = []  # the worker index of every applied gradient
@@ -69,7 +72,14 @@ class ParameterServer(AsynchronousAlgorithm):
     # ------------------------------------------------------------------ the rule
 
     def prepare(self, g, step: int) -> None:
-        """Transform this worker's gradient ``g`` in place before it is pushed (default: none)."""
+        """Transform this worker's gradient ``g`` in place before it is pushed.
+
+        Adds ``algorithm.weight_decay`` times the model; rules with worker-side momentum
+        extend it.
+        """
+        if self.cfg.weight_decay:
+            self.ctx.xp.multiply(self.x, self.cfg.weight_decay, out=self.state.scratch)
+            g += self.state.scratch
 
     def apply(self, w, g, worker: int, staleness: int, lr: float) -> None:
         """Apply the gradient ``g`` of worker index ``worker`` to the server's model ``w``."""
@@ -99,8 +109,16 @@ class ParameterServer(AsynchronousAlgorithm):
         return []
 
     def update(self, k: int, lr: float) -> None:
-        """Apply worker ``k``'s pushed gradient through the rule; count it and its staleness."""
+        """Apply worker ``k``'s pushed gradient through the rule; count it and its staleness.
+
+        A gradient staler than ``algorithm.staleness_bound`` (when set) is dropped instead:
+        counted, not applied; its worker is answered with the current model all the same.
+        """
         staleness = self.version - int(self.sent_version[k])
+        bound = self.cfg.staleness_bound
+        if bound and staleness > bound:
+            self.dropped[k] += 1
+            return
         self.apply(self.x, self.inbox[k][: self.d], k, staleness, lr)
         self.version += 1
         self.applied[k] += 1
@@ -202,6 +220,7 @@ class ParameterServer(AsynchronousAlgorithm):
         s = np.asarray(self.staleness, dtype=np.float64)
         return {"updates_applied": int(self.version),
                 "updates_per_worker": self.applied.tolist(),
+                "dropped_stale_per_worker": self.dropped.tolist(),
                 "staleness": {"mean": float(s.mean()) if s.size else 0.0,
                               "p50": float(np.percentile(s, 50)) if s.size else 0.0,
                               "p99": float(np.percentile(s, 99)) if s.size else 0.0,
@@ -215,6 +234,10 @@ class ServerKeys(SGDConfig):
     ASYNCHRONOUS = True
     HOST_ONLY = True  # the server's model and the messages live in host memory
     REPORTER = SERVER  # progress counts the updates the server applies
+
+    staleness_bound: int = param(0, "Drop (count, do not apply) a gradient computed at a model "
+                                 "more than this many updates old; its worker gets the current "
+                                 "model all the same (0: apply every gradient).", low=0)
 
     def roles(self, world_size: int) -> tuple[str, ...]:
         return (SERVER,) + (WORKER,) * (world_size - 1)

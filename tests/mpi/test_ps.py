@@ -103,3 +103,21 @@ def test_metrics_record_every_applied_gradient(tmp_path):
     assert len(accuracy) >= 12
     assert s["stability"] == stability(accuracy, eval_steps)
     assert s["stability"]["mean_abs_change"] is not None
+
+
+def test_staleness_bound_drops_what_is_older(tmp_path):
+    # Four workers against one server: gradients 2 or more updates old are common. With a
+    # bound of 1 they are dropped, not applied; every push is either applied or dropped.
+    cfg = write_config(tmp_path, {"algorithm": {**ASGD, "staleness_bound": 1},
+                                  "run": {"steps": 200, "eval_every": 0}})
+    res = run(5, cfg, tmp_path / "b")
+    assert res.returncode == 0, res.stderr
+    s = read_summary(tmp_path / "b")
+    info = s["algorithm_info"]
+    with h5py.File(tmp_path / "b" / "metrics.h5") as f:
+        staleness = f["series/0/staleness"][()]
+    assert staleness.max() <= 1 and info["staleness"]["max"] <= 1
+    pushed = s["steps_per_rank"][1:]
+    assert [a + d for a, d in zip(info["updates_per_worker"],
+                                  info["dropped_stale_per_worker"])] == pushed
+    assert sum(info["dropped_stale_per_worker"]) > 0  # the case at hand
