@@ -148,9 +148,10 @@ def run(max_elems: int = 10_000_000, repeats: int | None = None, json_path: str 
     tmp = t.bcast_obj(tempfile.mkdtemp(prefix="mpiopt-bench-") if t.rank == 0 else None)
     os.makedirs(os.path.dirname(rank_log_path(tmp, t.rank)), exist_ok=True)
     if t.rank == 0:
-        out(f"parameter server on {t.size} ranks (1 server, {t.size - 1} workers), asgd, fixed "
-            "pushes: applied updates/s of mpiopt and of a bare mpi4py server (medians; ratio: "
-            "median of paired rounds, order alternated)")
+        workers = f"{t.size - 1} worker" + ("s" if t.size > 2 else "")
+        out(f"parameter server on {t.size} ranks (1 server, {workers}), asgd, fixed pushes: "
+            "applied updates/s of mpiopt and of a bare mpi4py server (medians; ratio: median "
+            "of paired rounds, order alternated)")
         out(f"{'d':>6} {'updates':>8} {'reference':>12} {'mpiopt':>12} {'ratio':>6}  range")
     rows = []
     for d in [s for s in SIZES if s <= max_elems] or [max_elems]:
