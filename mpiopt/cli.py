@@ -109,6 +109,10 @@ def cmd_bench(args) -> int:
         from mpiopt.bench import comm
 
         comm.run(args.max_mb, args.repeats, args.json)
+    elif args.what == "ps":
+        from mpiopt.bench import ps
+
+        ps.run(args.size, args.repeats, args.json, args.steps)
     elif args.what == "startup":
         from mpiopt.bench import startup
 
@@ -162,18 +166,19 @@ def _data_parser(sub) -> None:
 
 def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks against references measured in the same run")
-    p.add_argument("what", choices=("comm", "train", "kernels", "startup"),
+    p.add_argument("what", choices=("comm", "train", "kernels", "startup", "ps"),
                    help="startup: run as a plain process (it launches mpiexec itself)")
     p.add_argument("--max-mb", type=float, default=64.0, help="comm: largest buffer (MB)")
     p.add_argument("--repeats", type=int, default=None, help="timed repetitions")
     p.add_argument("--steps", type=int, default=None,
                    help="train: steps per repetition (default 300); startup: steps of every "
-                        "run (default: each config's own)")
+                        "run (default: each config's own); ps: updates per run (default: "
+                        "by d)")
     p.add_argument("--algorithm", default=None,
                    help="comm: time this algorithm's exchange instead (signum: a vote "
                         "step; swarm: reads of idle and busy partners)")
     p.add_argument("--size", type=int, default=64 * 2**20,
-                   help="kernels: elements; comm --algorithm: the largest vector")
+                   help="kernels: elements; comm --algorithm, ps: the largest vector")
     p.add_argument("--threads", type=int, default=None, help="kernels: numba threads")
     p.add_argument("--ranks", type=int, default=None,
                    help="startup: ranks of every case (default: 4 for the quickstart, 5 for "

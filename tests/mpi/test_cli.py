@@ -206,3 +206,21 @@ def test_bench_startup_smoke(tmp_path):
                                             else r["overhead_s"]) / r["bare_s"])
     res = launch(2, [*mpiopt_cmd(), "bench", "startup"], timeout=60)
     assert res.returncode == 2 and "not under mpiexec" in res.stderr
+
+
+@pytest.mark.mpi
+def test_bench_ps_smoke(tmp_path):
+    res = launch(3, [*mpiopt_cmd(), "bench", "ps", "--size", "1000", "--steps", "20",
+                     "--repeats", "2", "--json", str(tmp_path / "p.json")], timeout=120)
+    assert res.returncode == 0, res.stderr
+    result = json.loads((tmp_path / "p.json").read_text())
+    assert result["ranks"] == 3
+    (row,) = result["ps"]
+    assert (row["d"], row["ranks"], row["workers"], row["updates"], row["rounds"]) == (
+        1000, 3, 2, 20, 2)
+    assert row["reference_updates_per_s"] > 0 and row["mpiopt_updates_per_s"] > 0
+    lo, hi = row["ratio_range"]
+    assert 0 < lo <= row["ratio"] <= hi
+    assert "ratio" in res.stdout and "1K" in res.stdout
+    res = launch(None, [*mpiopt_cmd(), "bench", "ps"], timeout=60)
+    assert res.returncode == 2 and "at least 2 ranks" in res.stderr
