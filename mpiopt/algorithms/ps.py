@@ -48,6 +48,7 @@ class ParameterServer(AsynchronousAlgorithm):
             self._setup_server()
         else:
             self.push = np.zeros(self.d + 1, np.float32)  # the gradient, then the loss
+            self.g = self.push[: self.d]  # computed in place: no copy into the message
 
     def _setup_server(self) -> None:
         t, d, n = self.ctx.transport, self.d, len(self.workers)
@@ -136,8 +137,7 @@ class ParameterServer(AsynchronousAlgorithm):
         """Push a gradient at our model; receive the next model (or the stop) into it."""
         t, server = self.ctx.transport, 0
         loss = self.local_gradient(step)
-        self.prepare(self.g, step)
-        self.push[: self.d] = self.g
+        self.prepare(self.g, step)  # self.g is the message's first d floats
         self.push[self.d] = loss
         answer = t.irecv(self.x, server, None)  # the model, or the stop (empty, CONTROL)
         sent = t.isend(self.push, server, Channel.GRADIENT)
