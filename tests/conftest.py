@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,6 +63,21 @@ def run_check_script(n: int, name: str, passed: str, args=(), env: dict | None =
     res = launch(n, [*python_script(name), *args], timeout=timeout, env=env)
     assert res.returncode == 0, res.stderr
     assert passed in res.stdout, res.stdout
+
+
+def shards_of(cfg, world_size: int, seed: int = 0) -> list:
+    """Return the training shards every rank of ``world_size`` loads for a data config."""
+    return [cfg.load(r, world_size, seed, with_test=False) for r in range(world_size)]
+
+
+def assert_cover(shards, x_full, y_full) -> None:
+    """Check that the ranks' shards hold every training sample exactly once, unchanged."""
+    indices = np.concatenate([s.indices for s in shards])
+    assert np.array_equal(np.sort(indices), np.arange(len(y_full)))
+    for s in shards:
+        assert s.n_train_total == len(y_full)
+        assert np.array_equal(s.x_train, x_full[s.indices])
+        assert np.array_equal(s.y_train, y_full[s.indices])
 
 
 @pytest.fixture

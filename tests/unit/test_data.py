@@ -3,6 +3,7 @@
 import h5py
 import numpy as np
 import pytest
+from conftest import assert_cover, shards_of
 
 import mpiopt.data.hdf5 as hdf5_module
 from mpiopt.config import build_section
@@ -17,20 +18,6 @@ from mpiopt.schema import resolve_name
 
 def _build(name, **raw):
     return build_section(DATASETS.get(name), raw, "data")
-
-
-def _shards(cfg, world_size, seed=0):
-    return [cfg.load(r, world_size, seed, with_test=False) for r in range(world_size)]
-
-
-def _assert_cover(shards, x_full, y_full):
-    """Check that the ranks' shards hold every training sample exactly once, unchanged."""
-    indices = np.concatenate([s.indices for s in shards])
-    assert np.array_equal(np.sort(indices), np.arange(len(y_full)))
-    for s in shards:
-        assert s.n_train_total == len(y_full)
-        assert np.array_equal(s.x_train, x_full[s.indices])
-        assert np.array_equal(s.y_train, y_full[s.indices])
 
 
 def test_every_dataset_is_registered():
@@ -63,14 +50,14 @@ def test_synthetic_shapes_dtypes_and_test_set():
 def test_synthetic_shards_cover_the_training_set_once(world_size, partition):
     cfg = _build("synthetic", n_samples=200, n_features=3, partition=partition)
     full = cfg.load(0, 1, seed=4, with_test=False)
-    _assert_cover(_shards(cfg, world_size, seed=4), full.x_train, full.y_train)
+    assert_cover(shards_of(cfg, world_size, seed=4), full.x_train, full.y_train)
 
 
 def test_synthetic_samples_do_not_depend_on_who_loads_them():
     # 40000 rows span three noise blocks: a rank draws only its blocks, values must agree.
     cfg = SyntheticData(n_samples=40000, n_features=2, n_test=10)
     full = cfg.load(0, 1, seed=1, with_test=False)
-    _assert_cover(_shards(cfg, 3, seed=1), full.x_train, full.y_train)
+    assert_cover(shards_of(cfg, 3, seed=1), full.x_train, full.y_train)
 
 
 def test_synthetic_is_deterministic_and_seed_sensitive():
@@ -157,7 +144,7 @@ def test_digits_split_is_fixed_by_the_seed():
 def test_digits_shards_cover_the_training_set_once(world_size):
     cfg = _build("digits", partition="dirichlet", alpha=0.3)
     full = cfg.load(0, 1, seed=2, with_test=False)
-    _assert_cover(_shards(cfg, world_size, seed=2), full.x_train, full.y_train)
+    assert_cover(shards_of(cfg, world_size, seed=2), full.x_train, full.y_train)
 
 
 # --------------------------------------------------------------------------- hdf5
@@ -184,8 +171,8 @@ def test_hdf5_shards_cover_train_and_scale_uint8(tmp_path, world_size):
     x, y = _images(40)
     path = _write(tmp_path / "d.h5", (x, y), _images(9, seed=1), n_classes=5)
     cfg = _build("hdf5", path=path, partition="iid")
-    shards = _shards(cfg, world_size)
-    _assert_cover(shards, x.reshape(40, 6).astype(np.float32) / 255, y)
+    shards = shards_of(cfg, world_size)
+    assert_cover(shards, x.reshape(40, 6).astype(np.float32) / 255, y)
     assert shards[0].n_classes == 5 and shards[0].x_train.dtype == np.float32
 
 
@@ -348,7 +335,7 @@ def test_describe_tabulates_ranks_and_classes():
     assert [r[0] for r in rows] == ["0", "1", "2", "total"]
     assert all(r[1:3] == ["30", "1"] for r in rows[:3])  # one pure class shard each
     assert rows[3] == ["total", "90", "3", "30", "30", "30"]
-    shards = _shards(cfg, 3)
+    shards = shards_of(cfg, 3)
     for r, shard in enumerate(shards):
         assert [int(v) for v in rows[r][3:]] == list(np.bincount(shard.y_train, minlength=3))
 

@@ -7,6 +7,7 @@ import struct
 
 import numpy as np
 import pytest
+from conftest import assert_cover, shards_of
 
 import mpiopt.data.fashion as fashion
 from mpiopt.config import build_section
@@ -42,20 +43,6 @@ def _folder(path, n_train=30, n_test=7, gz=False, seed=0, **replace):
         with opener(path / (name + ".gz" if gz else name), "wb") as fh:
             fh.write(_idx(array))
     return arrays
-
-
-def _shards(cfg, world_size, seed=0):
-    return [cfg.load(r, world_size, seed, with_test=False) for r in range(world_size)]
-
-
-def _assert_cover(shards, x_full, y_full):
-    """Check that the ranks' shards hold every training sample exactly once, unchanged."""
-    indices = np.concatenate([s.indices for s in shards])
-    assert np.array_equal(np.sort(indices), np.arange(len(y_full)))
-    for s in shards:
-        assert s.n_train_total == len(y_full)
-        assert np.array_equal(s.x_train, x_full[s.indices])
-        assert np.array_equal(s.y_train, y_full[s.indices])
 
 
 def test_registered_with_a_path_shorthand():
@@ -117,7 +104,7 @@ def test_package_shards_cover_the_training_set_once(package, monkeypatch, partit
     monkeypatch.setattr(fashion, "read_idx", functools.lru_cache(fashion.read_idx))
     cfg = FashionMnistData(partition=partition, alpha=0.3)
     for world_size in (2, 3, 4, 5):
-        _assert_cover(_shards(cfg, world_size, seed=2), package.x_train, package.y_train)
+        assert_cover(shards_of(cfg, world_size, seed=2), package.x_train, package.y_train)
 
 
 def test_missing_package_names_the_key_and_the_command(monkeypatch, tmp_path):
@@ -152,7 +139,7 @@ def test_path_shards_cover_the_training_set_once(tmp_path, world_size, partition
     arrays = _folder(tmp_path / "f", n_train=100)
     cfg = FashionMnistData(path=str(tmp_path / "f"), partition=partition)
     x_full = arrays[NAMES[0]].reshape(100, 12) / np.float32(255)
-    _assert_cover(_shards(cfg, world_size, seed=1), x_full, arrays[NAMES[1]].astype(np.int64))
+    assert_cover(shards_of(cfg, world_size, seed=1), x_full, arrays[NAMES[1]].astype(np.int64))
 
 
 def test_a_rank_reads_each_training_file_once(tmp_path, monkeypatch):
