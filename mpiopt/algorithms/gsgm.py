@@ -71,9 +71,11 @@ class GSGM(ParameterServer):
         self.rounds_of_updates.append(self.round)
 
     def receive(self, k: int, lr: float) -> list[int]:
-        if k not in self.allowed and not self.ending:
-            self.queue.append(k)  # contributed this round already: its turn comes back later
-            return []
+        if k not in self.allowed:
+            if not self.ending:
+                self.queue.append(k)  # contributed this round already: its turn comes back
+                return []
+            self._open_round()  # the end applies every push, each in a round of its own
         return self._contribute(k, lr)
 
     def _contribute(self, k: int, lr: float) -> list[int]:
@@ -82,11 +84,14 @@ class GSGM(ParameterServer):
         self.allowed.discard(k)
         return [k] + (self._next_round(lr) if not self.allowed else [])
 
-    def _next_round(self, lr: float) -> list[int]:
-        """Open a new round to every worker and take the deferred pushes in arrival order."""
+    def _open_round(self) -> None:
         self.round += 1
         self.round_start = time.monotonic()
         self.allowed = set(range(len(self.workers)))
+
+    def _next_round(self, lr: float) -> list[int]:
+        """Open a new round to every worker and take the deferred pushes in arrival order."""
+        self._open_round()
         answered = []
         while self.queue and self.queue[0] in self.allowed:
             answered += self._contribute(self.queue.popleft(), lr)
@@ -103,7 +108,10 @@ class GSGM(ParameterServer):
     def flush(self, lr: float) -> list[int]:
         answered = []
         while self.queue:
-            answered += self._contribute(self.queue.popleft(), lr)
+            k = self.queue.popleft()
+            if k not in self.allowed:
+                self._open_round()
+            answered += self._contribute(k, lr)
         return answered
 
     def summary_info(self) -> dict:
