@@ -67,6 +67,15 @@ def test_averaging_across_emulated_nodes(n, mode, quantize, slots):
                      OTHER_NODES)
 
 
+@pytest.mark.parametrize("n, env", [(3, None), (4, OTHER_NODES)])
+def test_the_stop_loses_no_correction(tmp_path, n, env):
+    # Through the whole asynchronous loop (settle, serve, the stop, the last drain), with
+    # lr = 0 and a slow rank: the sum of the models is preserved. Across emulated nodes a
+    # correction completes at its target only when flushed.
+    run_check_script(n, "check_swarm_stop.py", f"swarm stop checks passed on {n} ranks",
+                     args=[str(tmp_path)], env=env)
+
+
 def test_gpu_device_is_refused_before_anything_is_written(tmp_path):
     cfg = write_config(tmp_path, {"algorithm": {"name": "swarm"}, "run": {"device": "gpu"}})
     res = run(2, cfg, tmp_path / "s")
