@@ -1,28 +1,19 @@
 """DC-ASGD's server rule against a numpy oracle of the publication's formulas, and its keys."""
 
+import sys
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import SCRIPTS
 
 from mpiopt.config import build_section
 from mpiopt.errors import ConfigError
 
+sys.path.insert(0, str(SCRIPTS))
+from oracles import dcasgd_step as oracle  # noqa: E402  (shared with check_dcasgd.py)
+
 F32 = np.float32
-
-
-def oracle(w, g, b, lr, lam, ms=None, decay=0.95):
-    """One DC-ASGD update as the publication writes it, evaluated by numpy in w's dtype.
-
-    Returns the new model, the compensated gradient and the new mean square (adaptive when
-    ``ms`` is given). Python floats enter as numpy does with them: cast to the array's dtype.
-    """
-    if ms is not None:
-        ms = decay * ms + (1 - decay) * g * g
-        c = g + lam / np.sqrt(ms + 1e-7) * g * g * (w - b)
-    else:
-        c = g + lam * g * g * (w - b)
-    return w - lr * c, c, ms
 
 
 def server(d=64, workers=2, seed=0, **keys):

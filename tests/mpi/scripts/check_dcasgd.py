@@ -14,6 +14,7 @@ Usage: check_dcasgd.py CONFIG OUT_DIR
 import sys
 
 import numpy as np
+from oracles import dcasgd_step as oracle
 
 from mpiopt.algorithms.dcasgd import DCASGD
 from mpiopt.comm.transport import Transport
@@ -30,16 +31,6 @@ def recording(self, w, g, worker, staleness, lr):
 
 
 DCASGD.apply = recording
-
-
-def oracle(w, g, b, lr, lam, ms=None, decay=0.95):
-    """One DC-ASGD update as the publication writes it (tests/unit/test_dcasgd.py's oracle)."""
-    if ms is not None:
-        ms = decay * ms + (1 - decay) * g * g
-        c = g + lam / np.sqrt(ms + 1e-7) * g * g * (w - b)
-    else:
-        c = g + lam * g * g * (w - b)
-    return w - lr * c, c, ms
 
 
 def replay(algorithm: dict) -> int:
