@@ -73,9 +73,12 @@ def cmd_data_describe(args) -> int:
         from mpiopt.comm.transport import world_size
 
         ranks = world_size()
-    cfg.data.check_world(ranks)
+    from mpiopt.runner import workers_of
+
+    workers = workers_of(cfg, ranks)  # the data goes to the workers (not to a server)
+    cfg.data.check_world(len(workers))
     if _launcher_rank() == 0:
-        print(describe(cfg.data, ranks, cfg.run.seed))
+        print(describe(cfg.data, len(workers), cfg.run.seed, workers))
     return 0
 
 

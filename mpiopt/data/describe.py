@@ -7,15 +7,17 @@ import numpy as np
 from mpiopt.data.base import DataConfig
 
 
-def describe(cfg_data: DataConfig, world_size: int, seed: int) -> str:
+def describe(cfg_data: DataConfig, world_size: int, seed: int, ranks=None) -> str:
     """Render per-rank sample counts and class histograms of the configured partition.
 
     Only the training labels are read, never the features.
 
     Args:
         cfg_data: the ``data`` section of a configuration.
-        world_size: number of ranks to partition for.
+        world_size: number of ranks to partition for (the workers).
         seed: run seed (partitions and splits depend on it).
+        ranks: the rank of each part, for the rows (default ``0..world_size-1``; a parameter
+            server's workers are ranks ``1..``).
 
     Returns:
         A heading line and a table with one row per rank (samples, classes present, count of
@@ -28,7 +30,8 @@ def describe(cfg_data: DataConfig, world_size: int, seed: int) -> str:
         labels, n_classes = source.labels, source.n_classes
     parts = cfg_data.split(labels, world_size, seed)
     counts = np.stack([np.bincount(labels[p], minlength=n_classes) for p in parts])
-    rows = [[str(r), *_summary(c)] for r, c in enumerate(counts)]
+    ranks = range(world_size) if ranks is None else ranks
+    rows = [[str(r), *_summary(c)] for r, c in zip(ranks, counts)]
     rows.append(["total", *_summary(counts.sum(axis=0))])
     header = ["rank", "samples", "classes", *map(str, range(n_classes))]
     return _heading(cfg_data, world_size, seed, len(labels), n_classes) + _table(header, rows)

@@ -116,6 +116,13 @@ def test_data_describe(tmp_path):
     assert res.returncode == 0, res.stderr
     rows = [line for line in res.stdout.splitlines() if line.strip().split(" ")[0].isdigit()]
     assert len(rows) == 3
+    # A parameter server's data goes to its workers, ranks 1.. : rank 0 gets no row.
+    res = launch(None, [*mpiopt_cmd(), "data", "describe", str(CONFIGS / "gsgm-digits.yaml"),
+                        "--ranks", "4"], timeout=60)
+    assert res.returncode == 0, res.stderr
+    rows = [line.split() for line in res.stdout.splitlines() if line.split()[0].isdigit()]
+    assert [r[0] for r in rows] == ["1", "2", "3"]
+    assert sum(int(r[1]) for r in rows) == 1438
 
 
 @pytest.mark.mpi
