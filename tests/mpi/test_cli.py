@@ -120,7 +120,7 @@ def test_data_describe(tmp_path):
     res = launch(None, [*mpiopt_cmd(), "data", "describe", str(CONFIGS / "gsgm-digits.yaml"),
                         "--ranks", "4"], timeout=60)
     assert res.returncode == 0, res.stderr
-    rows = [line.split() for line in res.stdout.splitlines() if line.split()[0].isdigit()]
+    rows = [line.split() for line in res.stdout.splitlines() if line[:6].strip().isdigit()]
     assert [r[0] for r in rows] == ["1", "2", "3"]
     assert sum(int(r[1]) for r in rows) == 1438
 
