@@ -17,8 +17,6 @@ the same over many handles, e.g. a parameter server's receives from any source.
 
 from __future__ import annotations
 
-import enum
-import itertools
 import os
 import sys
 import threading
@@ -29,26 +27,20 @@ import numpy as np
 from mpi4py import MPI
 
 from mpiopt import backend
+from mpiopt.comm.handles import (  # noqa: F401  (re-exported: the transport's API)
+    SPIN_S,
+    Channel,
+    CommTimeout,
+    Handle,
+    _backoff,
+    _copy_back,
+    _Receive,
+    test_some,
+    wait_all,
+    wait_any,
+)
 
 DEFAULT_TIMEOUT_S = 300.0
-SPIN_S = 0.05  # poll without sleeping this long: most messages complete within it
-
-
-class Channel(enum.IntEnum):
-    """Kinds of traffic; the value is the MPI tag used for point-to-point messages."""
-
-    CONTROL = 1
-    GRADIENT = 2
-    MODEL = 3
-    VOTE = 4  # signs on their way to the voters
-    GOSSIP = 5
-    EVAL = 6  # evaluation of the model(s): instrumentation, not counted as algorithm bytes
-    BENCH = 7
-    VOTE_RESULT = 8  # voted signs on their way back to every worker
-
-
-class CommTimeout(RuntimeError):
-    """A communication did not complete before its deadline."""
 
 
 @dataclass
@@ -66,45 +58,6 @@ def _nbytes(buf) -> int:
 
 def _is_device(buf) -> bool:
     return type(buf).__module__.startswith("cupy")
-
-
-def _copy_back(buf, host, nbytes: int | None = None) -> None:
-    """Copy a staged host result into the device buffer it stands for.
-
-    ``nbytes`` (a receive's real size) shorter than the buffer copies only that prefix, so the
-    rest of ``buf`` keeps its contents as it would if MPI had received into it directly.
-    """
-    if host is buf or host is None:
-        return
-    # Synchronous from page-locked memory (no stream given): the host array may be leased
-    # again as soon as this returns.
-    if nbytes is None or nbytes >= host.nbytes:
-        buf.set(host)
-    else:
-        k = nbytes // host.itemsize
-        buf.reshape(-1)[:k].set(host.reshape(-1)[:k])
-
-
-def _backoff(limit: float):
-    """Yield between two polls until ``limit`` seconds have passed, then stop.
-
-    The first ``SPIN_S`` seconds only give the core away between polls (with more ranks than
-    cores the peers being waited for need it; MPICH's own blocking waits do the same), which
-    also drives MPI progress on large messages; then the pauses grow to 2 ms so that an idle
-    rank does not burn a core. The deadline is checked once spinning is over.
-    """
-    now = time.monotonic()
-    deadline, spin_until, pause = now + limit, now + SPIN_S, 1e-5
-    while True:
-        now = time.monotonic()
-        if now <= spin_until:
-            os.sched_yield()
-        elif now > deadline:
-            return
-        else:
-            time.sleep(pause)
-            pause = min(pause * 2, 2e-3)
-        yield
 
 
 class _Watchdog:
@@ -155,184 +108,6 @@ class _Watchdog:
         if self.can_abort:
             MPI.COMM_WORLD.Abort(3)
         os._exit(3)
-
-
-class Handle:
-    """A pending nonblocking operation with a deadline.
-
-    ``wait`` polls the request with backoff (see :func:`_backoff`) and raises
-    :class:`CommTimeout` naming the peer, the channel and the step when the deadline passes.
-    ``cancel`` is bounded the same way. A receive's handle also tells, once done, where its
-    message came from (``source``, ``channel``) and its size (``nbytes``).
-    """
-
-    source: int | None = None  # set when a receive completes
-    nbytes: int | None = None  # bytes a receive got, set when it completes
-    cancelled = False  # set by a successful cancel
-    _status = None  # an MPI.Status where completion must be read (receives, cancels)
-    _sent = 0  # bytes charged when a send was posted (refunded if it is cancelled)
-
-    def __init__(self, transport: Transport, request, what: str, peer, channel: Channel,
-                 finish=None, release=None):
-        self.transport = transport
-        self.request = request
-        self.what = what
-        self.peer = peer
-        self.channel = channel
-        self.step = transport.step
-        self._finish = finish  # on completion only (copies a staged receive back)
-        self._release = release  # once, on completion or cancel (returns staging leases)
-        self._cancel_posted = False
-        self.done = False
-
-    def test(self) -> bool:
-        """Return True if the operation has completed (finishing it if so)."""
-        if not self.done and self.request.Test(self._status):
-            self._complete()
-        return self.done
-
-    def wait(self, timeout: float | None = None) -> None:
-        """Block until completion or raise CommTimeout after ``timeout`` seconds."""
-        if self.done:
-            return
-        t0 = time.perf_counter()
-        self._poll(timeout, "timed out after {limit:g} s")
-        self._complete()  # first: a receive on any channel learns its channel here
-        self.transport._charge(self.channel, 0, 0, time.perf_counter() - t0)
-
-    def _poll(self, timeout: float | None, problem: str) -> None:
-        """Test the request with backoff until it completes; raise past ``timeout`` seconds.
-
-        ``problem`` is the error's wording, formatted with ``limit``.
-        """
-        limit = self.transport.timeout if timeout is None else timeout
-        if not self.request.Test(self._status):
-            for _ in _backoff(limit):
-                if self.request.Test(self._status):
-                    return
-            raise CommTimeout(self.describe(problem.format(limit=limit)))
-
-    def _complete(self) -> None:
-        self.done = True
-        if self._finish is not None:
-            self._finish()
-        self._let_go()
-
-    def _let_go(self) -> None:
-        if self._release is not None:
-            self._release()
-            self._release = None
-
-    def cancel(self, timeout: float | None = None) -> bool:
-        """Cancel the operation if it has not completed; return True if MPI cancelled it.
-
-        False means it completed anyway and was finished as ``wait`` would (a receive's data
-        copied and counted; a send delivered: MPICH cannot cancel a send to another rank, an
-        eager one completes at once and its message still reaches the receiver). If it neither
-        completes nor is cancelled within ``timeout`` seconds (default: the transport's) this
-        raises :class:`CommTimeout` and the handle stays pending, its buffers still in MPI's
-        hands: a rendezvous-sized send to a rank that never receives does so in MPICH.
-        """
-        if self.done:
-            return self.cancelled
-        if not self._cancel_posted:
-            self.request.Cancel()
-            self._cancel_posted = True
-        if self._status is None:
-            self._status = MPI.Status()
-        self._poll(timeout, "could not be cancelled within {limit:g} s")
-        if not self._status.Is_cancelled():
-            self._complete()
-            return False
-        self.done = self.cancelled = True
-        if self._sent:
-            self.transport._charge(self.channel, -self._sent, 0, 0.0)
-        self._let_go()
-        return True
-
-    def where(self) -> str:
-        """Return ``(peer P, tag T, step S)`` for messages about this operation."""
-        tag = "any" if self.channel is None else self.channel.name
-        return f"(peer {self.peer}, tag {tag}, step {self.step})"
-
-    def describe(self, problem: str) -> str:
-        return f"{self.what} {problem} {self.where()}"
-
-
-class _Receive(Handle):
-    """A receive; on completion its source, tag and size are read from the MPI status.
-
-    Its bytes are counted then, as many as arrived, on the channel they arrived on: a
-    cancelled or never-completed receive counts nothing.
-    """
-
-    def __init__(self, transport: Transport, request, buf, host, source, channel):
-        super().__init__(transport, request, "receive", "any" if source is None else source,
-                         channel, release=transport._releaser((buf, host)))
-        self._status = MPI.Status()
-        self._buf, self._host = buf, host
-
-    def _complete(self) -> None:
-        status = self._status
-        self.source = status.Get_source()
-        self.channel = Channel(status.Get_tag())
-        self.nbytes = status.Get_count(MPI.BYTE)
-        self.transport._charge(self.channel, 0, self.nbytes, 0.0)
-        _copy_back(self._buf, self._host, self.nbytes)
-        super()._complete()
-
-
-def wait_all(handles, timeout: float | None = None) -> None:
-    """Wait for every handle, each under the same overall deadline."""
-    if not handles:
-        return
-    limit = handles[0].transport.timeout if timeout is None else timeout
-    deadline = time.monotonic() + limit
-    for h in handles:
-        h.wait(max(deadline - time.monotonic(), 0.0))
-
-
-_turn = itertools.count()  # where wait_any starts looking, so no pending handle starves
-
-
-def wait_any(handles, timeout: float | None = None) -> int | None:
-    """Wait until one of ``handles`` completes; return its index (finishing it).
-
-    Handles already done are skipped, as MPI skips inactive requests: calling this until it
-    returns None reports every handle exactly once. Polls like :meth:`Handle.wait`; at the
-    deadline (default: the transport's) raises :class:`CommTimeout` listing what is pending.
-    """
-    pending = [i for i, h in enumerate(handles) if not h.done]
-    if not pending:
-        return None
-    k = next(_turn) % len(pending)
-    order = pending[k:] + pending[:k]
-    first = handles[pending[0]].transport
-    limit = first.timeout if timeout is None else timeout
-    t0 = time.perf_counter()
-    found = next((i for i in order if handles[i].test()), None)
-    if found is None:
-        for _ in _backoff(limit):
-            found = next((i for i in order if handles[i].test()), None)
-            if found is not None:
-                break
-        else:
-            waiting = ", ".join(f"{handles[i].what} {handles[i].where()}" for i in pending)
-            raise CommTimeout(f"wait_any timed out after {limit:g} s at step {first.step} "
-                              f"waiting for any of: {waiting}")
-    first._charge(handles[found].channel, 0, 0, time.perf_counter() - t0)
-    return found
-
-
-def test_some(handles) -> list[int]:
-    """Return the indices of the handles that complete now (finishing them), without waiting.
-
-    Handles already done are skipped, so each index is reported once over repeated calls.
-    """
-    return [i for i, h in enumerate(handles) if not h.done and h.test()]
-
-
-test_some.__test__ = False  # not a test, for pytest's collection of modules importing it
 
 
 class Transport:
