@@ -1,10 +1,9 @@
 """DC-ASGD on real ranks: the server's updates replayed by an oracle; where it is ASGD."""
 
-import h5py
 import numpy as np
 import pytest
 from conftest import run_check_script
-from test_run import read_summary, run, write_config
+from test_run import read_model, read_summary, run, write_config
 
 pytestmark = pytest.mark.mpi
 
@@ -30,8 +29,7 @@ def test_lam_zero_or_one_worker_is_asgd_bit_for_bit(tmp_path):
     for name, sets in runs.items():
         res = run(2, cfg, tmp_path / name, *sets)
         assert res.returncode == 0, res.stderr
-        with h5py.File(tmp_path / name / "model.h5") as f:
-            models[name] = f["x"][()]
+        models[name] = read_model(tmp_path / name)
         assert read_summary(tmp_path / name)["algorithm_info"]["staleness"]["max"] == 0
     assert np.array_equal(models["lam0"], models["asgd"])
     assert np.array_equal(models["adaptive"], models["asgd"])

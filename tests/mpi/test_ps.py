@@ -4,7 +4,7 @@ import h5py
 import numpy as np
 import pytest
 from conftest import run_check_script
-from test_run import read_summary, run, write_config
+from test_run import read_model, read_summary, run, write_config
 
 from mpiopt.io.stability import stability
 
@@ -24,20 +24,22 @@ def test_slow_worker_every_push_applied_once(tmp_path, n, runs, algorithm):
                      args=[cfg, str(tmp_path), str(runs)])
 
 
+def _assert_equals_sequential(tmp_path, cfg, name, *sets):
+    """Run ``cfg`` as a server and one worker, and the allreduce baseline on one rank (with
+    ``sets``); assert the two final models are equal bit for bit."""
+    res = run(2, cfg, tmp_path / name)
+    assert res.returncode == 0, res.stderr
+    res = run(1, cfg, tmp_path / "seq", "--set", "algorithm.name=allreduce", *sets)
+    assert res.returncode == 0, res.stderr
+    assert np.array_equal(read_model(tmp_path / name), read_model(tmp_path / "seq"))
+
+
 def test_one_worker_is_sequential_momentum_sgd_bit_for_bit(tmp_path):
     # A server and one worker apply each gradient at once at the model it was computed at:
     # exactly the allreduce baseline on one rank (momentum, weight decay, schedule, batches).
     cfg = write_config(tmp_path, {"algorithm": {**ASGD, "schedule": "cosine",
                                                 "warmup_steps": 5}})
-    res = run(2, cfg, tmp_path / "ps")
-    assert res.returncode == 0, res.stderr
-    res = run(1, cfg, tmp_path / "seq", "--set", "algorithm.name=allreduce")
-    assert res.returncode == 0, res.stderr
-    models = []
-    for name in ("ps", "seq"):
-        with h5py.File(tmp_path / name / "model.h5") as f:
-            models.append(f["x"][()])
-    assert np.array_equal(models[0], models[1])
+    _assert_equals_sequential(tmp_path, cfg, "ps")
     s = read_summary(tmp_path / "ps")
     assert s["steps_per_rank"] == [60, 60]
     assert s["algorithm_info"]["staleness"]["max"] == 0
@@ -45,16 +47,7 @@ def test_one_worker_is_sequential_momentum_sgd_bit_for_bit(tmp_path):
 
 def test_gsgm_with_one_worker_and_k_1_is_momentum_sgd_bit_for_bit(tmp_path):
     cfg = write_config(tmp_path, {"algorithm": {**GSGM, "partial": 1}})
-    res = run(2, cfg, tmp_path / "g")
-    assert res.returncode == 0, res.stderr
-    res = run(1, cfg, tmp_path / "seq", "--set", "algorithm.name=allreduce", "--set",
-              "algorithm.momentum=0.9")
-    assert res.returncode == 0, res.stderr
-    models = []
-    for name in ("g", "seq"):
-        with h5py.File(tmp_path / name / "model.h5") as f:
-            models.append(f["x"][()])
-    assert np.array_equal(models[0], models[1])
+    _assert_equals_sequential(tmp_path, cfg, "g", "--set", "algorithm.momentum=0.9")
     info = read_summary(tmp_path / "g")["algorithm_info"]
     assert info["rounds"] == 61 and info["most_contributions_per_worker_per_round"] == 1
 

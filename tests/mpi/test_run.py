@@ -40,6 +40,12 @@ def read_summary(out):
     return json.loads((out / "summary.json").read_text())
 
 
+def read_model(out):
+    """Return the final parameters a run saved (model.h5)."""
+    with h5py.File(out / "model.h5", "r") as f:
+        return f["x"][()]
+
+
 def test_quickstart_reaches_target_accuracy(tmp_path):
     out = tmp_path / "qs"
     res = run(4, str(CONFIGS / "quickstart.yaml"), out)
@@ -89,8 +95,7 @@ def test_allreduce_is_deterministic(tmp_path):
     for name, seed in (("a", "3"), ("b", "3"), ("c", "4")):
         res = run(3, cfg, tmp_path / name, "--seed", seed)
         assert res.returncode == 0, res.stderr
-        with h5py.File(tmp_path / name / "model.h5", "r") as f:
-            models.append(f["x"][()])
+        models.append(read_model(tmp_path / name))
     assert np.array_equal(models[0], models[1])
     assert not np.array_equal(models[0], models[2])
 

@@ -4,7 +4,7 @@ import h5py
 import numpy as np
 import pytest
 from conftest import CONFIGS, run_check_script
-from test_run import read_summary, run, write_config
+from test_run import read_model, read_summary, run, write_config
 
 pytestmark = pytest.mark.mpi
 
@@ -83,8 +83,7 @@ def test_vote_transports_give_identical_parameters(tmp_path):
         res = run(3, cfg, out, "--set", f"algorithm.vote={vote}",
                   "--set", f"algorithm.segment_bytes={seg}")
         assert res.returncode == 0, res.stderr
-        with h5py.File(out / "model.h5") as f:
-            models.append(f["x"][()])
+        models.append(read_model(out))
     assert all(np.array_equal(models[0], m) for m in models[1:])
 
 
@@ -98,6 +97,5 @@ def test_nan_fault_under_each_policy(tmp_path, policy):
         assert "non-finite gradient on rank 1 at step 10" in res.stderr
         return
     assert res.returncode == 0, res.stderr
-    with h5py.File(tmp_path / policy / "model.h5") as f:
-        assert np.all(np.isfinite(f["x"][()]))
+    assert np.all(np.isfinite(read_model(tmp_path / policy)))
     assert read_summary(tmp_path / policy)["final"]["accuracy"] > 0.6
