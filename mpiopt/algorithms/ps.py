@@ -166,7 +166,8 @@ class ParameterServer(AsynchronousAlgorithm):
             patience = self.patience()
             left = deadline - time.monotonic()
             try:
-                k = wait_any(self.recvs, timeout=max(min(left, patience or left), 0.0))
+                limit = left if patience is None else min(left, patience)  # 0: act at once
+                k = wait_any(self.recvs, timeout=max(limit, 0.0))
             except CommTimeout:
                 if patience is None or time.monotonic() >= deadline:
                     raise
