@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 
 from mpiopt import __version__, backend, kernels
-from mpiopt.algorithms.base import WORKER, Context, reporter_rank
+from mpiopt.algorithms.base import Context, ranks_of, reporter_rank
 from mpiopt.comm.transport import Transport, mpi_info
 from mpiopt.config import Config
 from mpiopt.errors import ConfigError
@@ -116,8 +116,7 @@ def build_problem(transport: Transport, cfg: Config):
 
 def workers_of(cfg: Config, world_size: int) -> list[int]:
     """Return the ranks that take training steps on data (the algorithm's workers)."""
-    roles = cfg.algorithm.roles(world_size)
-    return [r for r, role in enumerate(roles) if role == WORKER]
+    return ranks_of(cfg.algorithm.roles(world_size))
 
 
 def share_cores(transport: Transport) -> int:

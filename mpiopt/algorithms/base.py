@@ -94,6 +94,11 @@ class GraphKeys(SGDConfig):
         self.topology_for(world_size)
 
 
+def ranks_of(roles, role: str = "worker") -> list[int]:
+    """Return the ranks that have ``role``, in order (the workers by default)."""
+    return [r for r, mine in enumerate(roles) if mine == role]
+
+
 def reporter_rank(roles, role: str = "worker") -> int:
     """Return the rank that reports progress: the first of ``role`` (rank 0 if none has it)."""
     return next((r for r, mine in enumerate(roles) if mine == role), 0)
@@ -132,7 +137,7 @@ class Context:
         seed = cfg.run.seed
         self.roles = cfg.algorithm.roles(self.size)
         self.role = self.roles[self.rank]
-        workers = [r for r, role in enumerate(self.roles) if role == WORKER]
+        workers = ranks_of(self.roles)
         # A worker's stream follows its place among the workers, not its rank: a run with a
         # server in front draws the same minibatches as one without.
         self.rng = np.random.default_rng(

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 
 from mpiopt.algorithms import ALGORITHMS
+from mpiopt.algorithms.base import SERVER
 from mpiopt.algorithms.ps import ParameterServer, ServerKeys
 from mpiopt.config import param
 from mpiopt.errors import ConfigError
@@ -35,7 +36,7 @@ class GSGM(ParameterServer):
 
     def setup(self) -> None:
         super().setup()
-        if self.ctx.role != "server":
+        if self.ctx.role != SERVER:
             return
         xp, n = self.ctx.xp, len(self.workers)
         self.k = self.cfg.partial_for(n)

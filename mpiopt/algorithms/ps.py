@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mpiopt.algorithms.base import SERVER, WORKER, AsynchronousAlgorithm, SGDConfig
+from mpiopt.algorithms.base import SERVER, WORKER, AsynchronousAlgorithm, SGDConfig, ranks_of
 from mpiopt.comm.transport import Channel, CommTimeout, wait_any
 from mpiopt.config import param
 from mpiopt.errors import ConfigError
@@ -43,7 +43,7 @@ class ParameterServer(AsynchronousAlgorithm):
         super().setup()
         ctx = self.ctx
         self.d = int(self.x.size)
-        self.workers = [r for r, role in enumerate(ctx.roles) if role == WORKER]
+        self.workers = ranks_of(ctx.roles)
         if ctx.role == SERVER:
             self._setup_server()
         else:
