@@ -34,7 +34,7 @@ class ASGD(ParameterServer):
 @ALGORITHMS.register("asgd")
 @dataclass(frozen=True)
 class ASGDConfig(ServerKeys):
-    """ASGD: a parameter server on rank 0 applies each worker's gradient on arrival."""
+    """ASGD: the parameter server applies each worker's gradient on arrival."""
 
     def validate(self) -> None:
         super().validate()

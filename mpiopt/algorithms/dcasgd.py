@@ -54,8 +54,8 @@ class DCASGD(ParameterServer):
             return
         xp = self.ctx.xp
         self.lam = self.cfg.lam_value()
-        self.diff = xp.empty_like(self.x)
-        self.mean_square = xp.zeros_like(self.x) if self.cfg.adaptive else None
+        self.diff = xp.empty_like(self.w)
+        self.mean_square = xp.zeros_like(self.w) if self.cfg.adaptive else None
         self.velocity = [None] * len(self.workers)  # momentum of each worker (on first use)
 
     def compensate(self, w, g, backup, out) -> None:
@@ -99,7 +99,7 @@ class DCASGD(ParameterServer):
 @ALGORITHMS.register("dcasgd")
 @dataclass(frozen=True)
 class DCASGDConfig(ServerKeys):
-    """DC-ASGD: a parameter server on rank 0 compensates each gradient for its delay."""
+    """DC-ASGD: the parameter server compensates each gradient for its delay."""
 
     lam: float | None = param(None, "Strength of the delay compensation: lam (constant "
                               "variant) or lam0 (adaptive). Default: the publication's, 0.04, "

@@ -40,7 +40,7 @@ class GSGM(ParameterServer):
             return
         xp, n = self.ctx.xp, len(self.workers)
         self.k = self.cfg.partial_for(n)
-        self.momentum = xp.zeros_like(self.x)
+        self.momentum = xp.zeros_like(self.w)
         self.last = [None] * n  # G[j]: the last gradient of each worker (allocated on use)
         self.recent: collections.deque = collections.deque()  # workers with a G, latest last
         self.allowed = set(range(n))  # the white list of the current round
@@ -115,9 +115,9 @@ class GSGM(ParameterServer):
             answered += self._contribute(k, lr)
         return answered
 
-    def summary_info(self) -> dict:
+    def server_facts(self) -> dict:
         per_round = collections.Counter(zip(self.rounds_of_updates, self.applied_from))
-        return {**super().summary_info(), "rounds": self.round + 1,
+        return {**super().server_facts(), "rounds": self.round + 1,
                 "most_contributions_per_worker_per_round": max(per_round.values(), default=0)}
 
 
@@ -147,9 +147,10 @@ class GSGMConfig(ServerKeys):
 
     def check_world(self, world_size: int) -> None:
         super().check_world(world_size)
-        if self.partial is not None and self.partial > world_size - 1:
-            raise ConfigError(f"{self.partial} is more than the {world_size - 1} workers "
-                              f"(ranks 1..{world_size - 1}); valid: 1..{world_size - 1}",
+        workers = world_size - self.servers
+        if self.partial is not None and self.partial > workers:
+            raise ConfigError(f"{self.partial} is more than the {workers} workers (ranks "
+                              f"{self.servers}..{world_size - 1}); valid: 1..{workers}",
                               key="algorithm.partial")
 
     def build(self, ctx) -> GSGM:

@@ -1,22 +1,35 @@
-"""The asynchronous parameter server: rank 0 serves, the other ranks are workers.
+"""The asynchronous parameter server: ranks ``0..S-1`` serve, the other ranks are workers.
 
-A worker computes a gradient at the model it last received, pushes it (with its minibatch
-loss) and waits for the server's answer; the server takes pushes in whatever order they
-arrive, applies each through the method's update rule (:meth:`ParameterServer.apply`) and
-answers the pushing worker with the new model. There is no barrier while training. Each worker
-has one push in flight at most; the server keeps a receive posted for every worker and takes
-the first to complete (:func:`~mpiopt.comm.transport.wait_any`, under the run's deadline).
+Each of the ``S`` servers (``algorithm.servers``) owns one contiguous range of the parameters:
+server ``s`` holds ``x[lo_s:hi_s]`` with ``lo_s = s d // S``. A worker computes a gradient at
+the model it last received, pushes each server its range of it (server 0's message also
+carries the minibatch loss) and waits for every server's answer; a server takes pushes in
+whatever order they arrive, applies each through the method's update rule
+(:meth:`ParameterServer.apply`) to its range and answers the pushing worker with that range of
+the new model. There is no barrier while training, and the servers never talk to each other:
+each runs the rule on its own range, with its own versions, rounds and queues. Each worker has
+one push in flight at most; a server keeps a receive posted for every worker and takes the
+first to complete (:func:`~mpiopt.comm.transport.wait_any`, under the run's deadline).
 
 Versions. The server counts the updates it has applied; it remembers the version it last sent
 to each worker, so the staleness of every gradient it applies (updates applied since the model
 the gradient was computed at) is known exactly, without the workers sending it.
 
-The end. ``run.steps`` (or ``run.time_limit_s`` on the server's clock) counts the updates the
+The end. ``run.steps`` (or ``run.time_limit_s`` on the server's clock) counts the updates a
 server applies. Once spent, the server answers each worker's next push, which is already on its
 way or will be, with the stop (an empty message on the CONTROL channel) instead of a model, and
-applies that push too: every pushed gradient is applied exactly once, and the server applies
-``run.steps`` plus at most one more per other worker. Every rank then leaves its loop with
-nothing in flight and meets the others at the shared stop of the asynchronous runtime.
+applies that push too: every pushed gradient is applied exactly once, and with one server it
+applies ``run.steps`` plus at most one more per other worker. With several servers, a worker
+told to stop by one of them says goodbye (an empty CONTROL message) to each server that
+answered its last push with a model; a server that receives a goodbye ends too. Every server
+thus hears from every worker one last time, by a push answered with the stop or by a goodbye,
+and every server applies the same pushes. Every rank then leaves its loop with nothing in
+flight and meets the others at the shared stop of the asynchronous runtime.
+
+Evaluation and the saved model. Rank 0 holds the whole model only for evaluating and saving it:
+with several servers, each keeps its range in an RMA window and rank 0 reads the others' ranges
+one-sidedly (a mid-run evaluation reads each range as it is at that moment, while the servers
+go on; the final one, after every rank has stopped, reads the final model).
 """
 
 from __future__ import annotations
@@ -27,7 +40,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from mpiopt.algorithms.base import SERVER, WORKER, AsynchronousAlgorithm, SGDConfig, ranks_of
-from mpiopt.comm.transport import Channel, CommTimeout, wait_any
+from mpiopt.comm.transport import Channel, CommTimeout, wait_all, wait_any
+from mpiopt.comm.windows import Window
 from mpiopt.config import param
 from mpiopt.errors import ConfigError
 
@@ -42,19 +56,41 @@ class ParameterServer(AsynchronousAlgorithm):
     def setup(self) -> None:
         super().setup()
         ctx = self.ctx
-        self.d = int(self.x.size)
+        self.d = d = int(self.x.size)
         self.workers = ranks_of(ctx.roles)
+        self.servers = ranks_of(ctx.roles, SERVER)
+        n_servers = len(self.servers)
+        self.bounds = [(s * d // n_servers, (s + 1) * d // n_servers) for s in range(n_servers)]
+        # Several servers keep their ranges in a window, read by rank 0 to evaluate and save.
+        mine = self.bounds[ctx.rank] if ctx.role == SERVER else (0, 0)
+        self.models = (Window(ctx.transport, mine[1] - mine[0], np.float32, Channel.EVAL,
+                              name="server models") if n_servers > 1 else None)
         if ctx.role == SERVER:
             self._setup_server()
         else:
-            self.push = np.zeros(self.d + 1, np.float32)  # the gradient, then the loss
-            self.g = self.push[: self.d]  # computed in place: no copy into the message
+            self.push = np.zeros(d + 1, np.float32)  # the loss, then the gradient
+            self.g = self.push[1:]  # computed in place: no copy into the messages
+            # Server s gets push[1 + lo_s : 1 + hi_s]; server 0's message starts at the loss.
+            self.parts = [self.push[(1 + lo if s else 0): 1 + hi]
+                          for s, (lo, hi) in enumerate(self.bounds)]
+            self.answers = [self.x[lo:hi] for lo, hi in self.bounds]
+            self.bye = np.zeros(0, np.float32)
 
     def _setup_server(self) -> None:
-        t, d, n = self.ctx.transport, self.d, len(self.workers)
-        self.inbox = [np.zeros(d + 1, np.float32) for _ in self.workers]
+        ctx = self.ctx
+        t, n = ctx.transport, len(self.workers)
+        self.lo, self.hi = self.bounds[ctx.rank]
+        size = self.hi - self.lo
+        if self.models is None:
+            self.w = self.x  # the one server's model is the whole vector
+        else:
+            self.w = self.models.local
+            self.w[...] = self.x[self.lo:self.hi]
+        self.state = self.opt.init(self.w)  # the rule's scratch, sized to this range
+        self.offset = 1 if ctx.rank == 0 else 0  # only server 0's messages carry the loss
+        self.inbox = [np.zeros(size + self.offset, np.float32) for _ in self.workers]
         # The model last sent to each worker: at first the initial model every rank holds.
-        self.outbox = [self.x.copy() for _ in self.workers]
+        self.outbox = [self.w.copy() for _ in self.workers]
         self.replies = [None] * n
         self.sent_version = np.zeros(n, np.int64)
         self.applied = np.zeros(n, np.int64)
@@ -63,9 +99,13 @@ class ParameterServer(AsynchronousAlgorithm):
         self.staleness: list[int] = []  # of every applied gradient, in order
         self.applied_from: list[int] = []  # the worker index of every applied gradient
         self.ending = False  # the budget is spent: every next push is answered with the stop
-        self.open = n  # workers not yet told to stop
-        self.recvs = [t.irecv(self.inbox[k], w, Channel.GRADIENT)
-                      for k, w in enumerate(self.workers)]
+        self.open = n  # workers not yet told to stop (nor said goodbye)
+        self.goodbyes = 0
+        # A push (GRADIENT) or a goodbye (CONTROL): any channel from that worker.
+        self.recvs = [t.irecv(self.inbox[k], w, None) for k, w in enumerate(self.workers)]
+        # The workers check the losses they compute; a server's row holds NaN where it has no
+        # loss: on servers other than 0, and in the step that only took the last goodbye.
+        ctx.strict_loss = False
 
     def budget(self):
         return None, None, None  # the server ends the run: see _server_step
@@ -120,7 +160,7 @@ class ParameterServer(AsynchronousAlgorithm):
         if bound and staleness > bound:
             self.dropped[k] += 1
             return
-        self.apply(self.x, self.inbox[k][: self.d], k, staleness, lr)
+        self.apply(self.w, self.inbox[k][self.offset:], k, staleness, lr)
         self.version += 1
         self.applied[k] += 1
         self.staleness.append(staleness)
@@ -135,34 +175,59 @@ class ParameterServer(AsynchronousAlgorithm):
 
     def _worker_step(self, step: int) -> float:
         """Push a gradient at our model; receive the next model (or the stop) into it."""
-        t, server = self.ctx.transport, 0
+        t = self.ctx.transport
         loss = self.local_gradient(step)
-        self.prepare(self.g, step)  # self.g is the message's first d floats
-        self.push[self.d] = loss
-        answer = t.irecv(self.x, server, None)  # the model, or the stop (empty, CONTROL)
-        sent = t.isend(self.push, server, Channel.GRADIENT)
-        answer.wait()
-        sent.wait()
-        self.stopped = answer.channel == Channel.CONTROL
+        self.prepare(self.g, step)  # self.g is the message's gradient part
+        self.push[0] = loss
+        # From each server its range of the model, or the stop (an empty CONTROL message).
+        answers = [t.irecv(part, s, None) for s, part in zip(self.servers, self.answers)]
+        sent = [t.isend(part, s, Channel.GRADIENT) for s, part in zip(self.servers, self.parts)]
+        wait_all(answers)
+        wait_all(sent)
+        told = [a.channel == Channel.CONTROL for a in answers]
+        if any(told):  # the end: a server that answered with a model waits for us again
+            wait_all([t.isend(self.bye, s, Channel.CONTROL)
+                      for s, stop in zip(self.servers, told) if not stop])
+            self.stopped = True
         return loss
 
     def _server_step(self, step: int, lr: float) -> float:
         """Take the next push to arrive; answer the workers the rule releases."""
         ctx = self.ctx
         k = self._next_push(lr)
+        if k is None:  # the last worker said goodbye: nothing left to apply
+            self.stopped = True
+            return float("nan")
         answers = self.receive(k, lr)
         if not self.ending and (self.version >= ctx.steps or ctx.out_of_time()):
-            self.ending = True
-            answers += self.flush(lr)
+            answers += self._end(lr)
         for j in answers:
             self._answer(j)
         self.stopped = self.open == 0
-        return float(self.inbox[k][self.d])
+        return float(self.inbox[k][0]) if self.offset else float("nan")
 
-    def _next_push(self, lr: float) -> int:
-        """Wait for a push (under the run's deadline), letting the rule act when idle."""
+    def _end(self, lr: float) -> list[int]:
+        """The budget is spent (or a worker has left): apply what the rule holds back."""
+        self.ending = True
+        return self.flush(lr)
+
+    def _goodbye(self, k: int, lr: float) -> None:
+        """Worker ``k`` has left (another server stopped it): this server ends too."""
+        self.open -= 1
+        self.goodbyes += 1
+        if not self.ending:
+            for j in self._end(lr):
+                self._answer(j)
+
+    def _next_push(self, lr: float) -> int | None:
+        """Wait for a push (under the run's deadline), letting the rule act when idle.
+
+        Goodbyes are taken here; None once the last open worker has said goodbye.
+        """
         deadline = time.monotonic() + self.ctx.transport.timeout
         while True:
+            if self.open == 0:
+                return None
             patience = self.patience()
             left = deadline - time.monotonic()
             try:
@@ -172,6 +237,9 @@ class ParameterServer(AsynchronousAlgorithm):
                 if patience is None or time.monotonic() >= deadline:
                     raise
                 k = None
+            if k is not None and self.recvs[k].channel == Channel.CONTROL:
+                self._goodbye(k, lr)
+                continue
             if k is not None:
                 return k
             released = self.on_idle(lr)  # all held back, or a bounded wait ran out
@@ -190,16 +258,42 @@ class ParameterServer(AsynchronousAlgorithm):
             self.replies[k] = t.isend(self.outbox[k][:0], w, Channel.CONTROL)
             self.open -= 1
             return
-        self.outbox[k][...] = self.x
+        self.outbox[k][...] = self.w
         self.sent_version[k] = self.version
         self.replies[k] = t.isend(self.outbox[k], w, Channel.MODEL)
-        self.recvs[k] = t.irecv(self.inbox[k], w, Channel.GRADIENT)
+        self.recvs[k] = t.irecv(self.inbox[k], w, None)
 
     def settle(self) -> None:
         if self.ctx.role == SERVER:
             for h in self.replies:
                 if h is not None:
                     h.wait()
+
+    def finish(self) -> None:
+        """Gather the servers' facts and the final model on rank 0; free the window."""
+        ctx = self.ctx
+        facts = ctx.transport.allgather_obj(self.server_facts() if ctx.role == SERVER else None)
+        self.facts = [f for f in facts if f is not None]
+        if self.models is None:
+            return
+        if ctx.rank == 0:
+            self._assemble()
+        if ctx.role == SERVER:
+            self.w = self.w.copy()  # the window's memory goes with it
+        self.models.free()
+
+    def _assemble(self) -> None:
+        """Put the whole model into rank 0's ``x``: its own range and the others' (read)."""
+        for s, (lo, hi) in enumerate(self.bounds):
+            if s == 0:
+                self.x[lo:hi] = self.w
+            else:
+                self.models.get(self.x[lo:hi], self.servers[s])
+
+    def evaluate_running(self, step: int) -> dict:
+        if self.models is not None:
+            self._assemble()  # each range as its server holds it now
+        return self.ctx.problem.evaluate(self.x)
 
     # ------------------------------------------------------------------ reports
 
@@ -216,21 +310,31 @@ class ParameterServer(AsynchronousAlgorithm):
                 "worker": (np.asarray(self.applied_from, np.int64),
                            "index of the worker that pushed it (as in updates_per_worker)")}
 
-    def summary_info(self) -> dict:
-        """The server's facts (the runner asks rank 0, the server)."""
+    def server_facts(self) -> dict:
+        """Return this server's facts for ``summary.json`` (rules add their own)."""
         s = np.asarray(self.staleness, dtype=np.float64)
         return {"updates_applied": int(self.version),
                 "updates_per_worker": self.applied.tolist(),
                 "dropped_stale_per_worker": self.dropped.tolist(),
+                "goodbyes": self.goodbyes,
                 "staleness": {"mean": float(s.mean()) if s.size else 0.0,
                               "p50": float(np.percentile(s, 50)) if s.size else 0.0,
                               "p99": float(np.percentile(s, 99)) if s.size else 0.0,
                               "max": int(s.max()) if s.size else 0}}
 
+    def summary_info(self) -> dict:
+        """Server 0's facts; with several servers also ``per_server``, every server's."""
+        info = dict(self.facts[0])
+        if len(self.facts) > 1:
+            info["servers"] = len(self.facts)
+            info["parameters_per_server"] = [hi - lo for lo, hi in self.bounds]
+            info["per_server"] = self.facts
+        return info
+
 
 @dataclass(frozen=True)
 class ServerKeys(SGDConfig):
-    """Keys of the parameter-server methods: rank 0 serves, every other rank works."""
+    """Keys of the parameter-server methods: ranks 0..servers-1 serve, the others work."""
 
     ASYNCHRONOUS = True
     HOST_ONLY = True  # the server's model and the messages live in host memory
@@ -240,10 +344,17 @@ class ServerKeys(SGDConfig):
                                  "more than this many updates old; its worker gets the current "
                                  "model all the same (0: apply every gradient).", low=0)
 
+    servers: int = param(1, "Ranks 0..servers-1 are servers, each owning a contiguous range of "
+                         "about 1/servers of the parameters; the other ranks are workers.",
+                         low=1)
+
     def roles(self, world_size: int) -> tuple[str, ...]:
-        return (SERVER,) + (WORKER,) * (world_size - 1)
+        return (SERVER,) * self.servers + (WORKER,) * (world_size - self.servers)
 
     def check_world(self, world_size: int) -> None:
         if world_size < 2:
             raise ConfigError(f"{self.NAME} needs at least 2 ranks (a server and a worker), "
                               f"got {world_size}", key="algorithm.name")
+        if self.servers >= world_size:
+            raise ConfigError(f"{self.servers} servers leave no worker among {world_size} "
+                              f"ranks; valid: 1..{world_size - 1}", key="algorithm.servers")

@@ -15,19 +15,21 @@ GSGM = {"name": "gsgm", "lr": 0.05, "momentum": None, "beta": 0.9, "weight_decay
         "max_wait": 0.05}
 
 
-@pytest.mark.parametrize("n, runs, algorithm", [(3, 3, ASGD), (5, 2, ASGD), (8, 2, ASGD),
-                                                (3, 2, GSGM), (5, 2, GSGM), (8, 1, GSGM)])
+@pytest.mark.parametrize("n, runs, algorithm", [
+    (3, 3, ASGD), (5, 2, ASGD), (8, 2, {**ASGD, "servers": 3}),
+    (3, 2, GSGM), (5, 2, {**GSGM, "servers": 2}), (8, 1, GSGM)])
 def test_slow_worker_every_push_applied_once(tmp_path, n, runs, algorithm):
+    # Several servers: each applies every push once, and they stop together (goodbyes).
     cfg = write_config(tmp_path, {"algorithm": algorithm,
                                   "run": {"steps": 150, "eval_every": 50}})
     run_check_script(n, "check_ps.py", f"ps checks passed on {n} ranks ({runs} runs)",
                      args=[cfg, str(tmp_path), str(runs)])
 
 
-def _assert_equals_sequential(tmp_path, cfg, name, *sets):
-    """Run ``cfg`` as a server and one worker, and the allreduce baseline on one rank (with
-    ``sets``); assert the two final models are equal bit for bit."""
-    res = run(2, cfg, tmp_path / name)
+def _assert_equals_sequential(tmp_path, cfg, name, *sets, servers=1):
+    """Run ``cfg`` as ``servers`` servers and one worker, and the allreduce baseline on one
+    rank (with ``sets``); assert the two final models are equal bit for bit."""
+    res = run(servers + 1, cfg, tmp_path / name)
     assert res.returncode == 0, res.stderr
     res = run(1, cfg, tmp_path / "seq", "--set", "algorithm.name=allreduce", *sets)
     assert res.returncode == 0, res.stderr
@@ -46,10 +48,15 @@ def test_one_worker_is_sequential_momentum_sgd_bit_for_bit(tmp_path):
 
 
 def test_gsgm_with_one_worker_and_k_1_is_momentum_sgd_bit_for_bit(tmp_path):
-    cfg = write_config(tmp_path, {"algorithm": {**GSGM, "partial": 1}})
-    _assert_equals_sequential(tmp_path, cfg, "g", "--set", "algorithm.momentum=0.9")
+    # Two servers, each applying the rule to its half: the same bits as one sequential run,
+    # with the model that rank 0 saves assembled from both halves.
+    cfg = write_config(tmp_path, {"algorithm": {**GSGM, "partial": 1, "servers": 2}})
+    _assert_equals_sequential(tmp_path, cfg, "g", "--set", "algorithm.momentum=0.9",
+                              servers=2)
     info = read_summary(tmp_path / "g")["algorithm_info"]
-    assert info["rounds"] == 61 and info["most_contributions_per_worker_per_round"] == 1
+    assert info["servers"] == 2 and len(info["per_server"]) == 2
+    for facts in info["per_server"]:
+        assert facts["rounds"] == 61 and facts["most_contributions_per_worker_per_round"] == 1
 
 
 def test_a_server_needs_a_worker(tmp_path):

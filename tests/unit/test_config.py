@@ -212,3 +212,18 @@ def test_slowdown_is_a_mapping_of_ranks_to_factors():
     cfg.run.check_world(4)
     with pytest.raises(ConfigError, match="run.slowdown: rank 3 does not exist"):
         cfg.run.check_world(3)
+
+
+def test_parameter_servers_must_leave_a_worker():
+    cfg = config_from_dict({**BASE, "algorithm": {"name": "gsgm", "servers": 3}})
+    cfg.algorithm.check_world(4)
+    assert cfg.algorithm.roles(4) == ("server", "server", "server", "worker")
+    with pytest.raises(ConfigError) as e:
+        cfg.algorithm.check_world(3)
+    assert e.value.key == "algorithm.servers"
+    assert str(e.value).endswith("3 servers leave no worker among 3 ranks; valid: 1..2")
+    with pytest.raises(ConfigError) as e:  # partial counts the workers, not the ranks
+        config_from_dict({**BASE, "algorithm": {"name": "gsgm", "servers": 2,
+                                                "partial": 3}}
+                         ).algorithm.check_world(4)
+    assert e.value.key == "algorithm.partial"

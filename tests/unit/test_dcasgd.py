@@ -22,7 +22,7 @@ def server(d=64, workers=2, seed=0, **keys):
 
     x0 = np.random.default_rng(seed).standard_normal(d).astype(F32)
     cfg = build_section(DCASGDConfig, keys, "algorithm")
-    ctx = SimpleNamespace(xp=np, role="server", roles=("server",) + ("worker",) * workers,
+    ctx = SimpleNamespace(xp=np, rank=0, role="server", roles=("server",) + ("worker",) * workers,
                           init_rng=None, problem=SimpleNamespace(init=lambda rng: x0.copy()),
                           transport=SimpleNamespace(irecv=lambda *a: None))
     alg = cfg.build(ctx)
