@@ -79,6 +79,14 @@ class SGD:
 
     def apply(self, x, g, state: SGDState, lr: float) -> SGDState:
         """Update ``x`` in place with gradient ``g`` (``g`` is overwritten)."""
+        x -= self.step(x, g, state, lr)
+        return state
+
+    def step(self, x, g, state: SGDState, lr: float):
+        """Return ``lr`` times the step at ``x`` (in ``state.scratch``), moving the momentum.
+
+        ``x - step`` is what :meth:`apply` writes; ``g`` is overwritten.
+        """
         xp = array_module(x)
         scratch = state.scratch
         if self.weight_decay:
@@ -95,5 +103,4 @@ class SGD:
                 g += scratch
                 direction = g
         xp.multiply(direction, lr, out=scratch)
-        x -= scratch
-        return state
+        return scratch

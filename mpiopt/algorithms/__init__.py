@@ -11,6 +11,7 @@ ALGORITHMS = Registry("algorithm", __name__, {
     "asgd": "asgd",
     "d_psgd": "d_psgd",
     "dcasgd": "dcasgd",
+    "dpsgd": "dpsgd",
     "ef_signsgd": "signum",
     "gsgm": "gsgm",
     "local_sgd": "local_sgd",

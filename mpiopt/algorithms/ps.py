@@ -57,7 +57,7 @@ class ParameterServer(AsynchronousAlgorithm):
         super().setup()
         ctx = self.ctx
         self.d = d = int(self.x.size)
-        self.workers = ranks_of(ctx.roles)
+        self.workers = self.clients()
         self.servers = ranks_of(ctx.roles, SERVER)
         n_servers = len(self.servers)
         self.bounds = [(s * d // n_servers, (s + 1) * d // n_servers) for s in range(n_servers)]
@@ -109,6 +109,15 @@ class ParameterServer(AsynchronousAlgorithm):
 
     def budget(self):
         return None, None, None  # the server ends the run: see _server_step
+
+    def clients(self) -> list[int]:
+        """Return the ranks that push to the servers (every worker here)."""
+        return ranks_of(self.ctx.roles)
+
+    def spent(self) -> bool:
+        """Return True once this server's budget is spent: ``run.steps`` updates applied, or
+        ``run.time_limit_s`` on its clock. A method whose clients end the run returns False."""
+        return self.version >= self.ctx.steps or self.ctx.out_of_time()
 
     # ------------------------------------------------------------------ the rule
 
@@ -193,13 +202,12 @@ class ParameterServer(AsynchronousAlgorithm):
 
     def _server_step(self, step: int, lr: float) -> float:
         """Take the next push to arrive; answer the workers the rule releases."""
-        ctx = self.ctx
         k = self._next_push(lr)
         if k is None:  # the last worker said goodbye: nothing left to apply
             self.stopped = True
             return float("nan")
         answers = self.receive(k, lr)
-        if not self.ending and (self.version >= ctx.steps or ctx.out_of_time()):
+        if not self.ending and self.spent():
             answers += self._end(lr)
         for j in answers:
             self._answer(j)
@@ -211,11 +219,16 @@ class ParameterServer(AsynchronousAlgorithm):
         self.ending = True
         return self.flush(lr)
 
+    GOODBYE_ENDS = True  # a goodbye means another server has ended the run
+
     def _goodbye(self, k: int, lr: float) -> None:
-        """Worker ``k`` has left (another server stopped it): this server ends too."""
+        """Worker ``k`` has left (another server stopped it): this server ends too.
+
+        Where clients end the run (:attr:`GOODBYE_ENDS` False) a goodbye closes that client only.
+        """
         self.open -= 1
         self.goodbyes += 1
-        if not self.ending:
+        if self.GOODBYE_ENDS and not self.ending:
             for j in self._end(lr):
                 self._answer(j)
 

@@ -1,0 +1,274 @@
+"""DPSGD: lock-free shared-memory updates inside a node, a parameter server across nodes.
+
+ALGORITHMS.md section 4 (Mohamad, Alamri, Bouchachia). Two levels:
+
+- Inside a node, the node's ranks (its *cores*) share one copy of the parameters in an MPI
+  shared-memory window (``Win.Allocate_shared`` on the node's communicator) and update it
+  without locks (Hogwild): each core draws a minibatch, computes the direction at the shared
+  copy as it reads it (possibly while another core writes it) and subtracts ``lr`` times it in
+  place. ``algorithm.node_size`` groups the workers into nodes of that many consecutive ranks
+  (one machine emulating several nodes: shared-memory sub-communicators by colour); by default
+  a node is the workers of one physical node.
+- Across nodes, the lowest rank of each node (its *leader*) is the parameter server's client.
+  Every ``algorithm.local_steps`` (B) of its own steps the leader pushes the node's change since
+  its last pull, ``delta = v_p - base``, and the servers apply it on arrival, ``v <- v + delta``
+  (no barrier; ``algorithm.staleness_bound`` drops a delta staler than the bound, as in the
+  engine). The answer ``v`` goes into the shared copy without losing what the node's cores
+  did while the push was in flight: ``v_p <- v_p + (v - base - delta)``, ``base <- v``. With one
+  node of one core and ``B = 1`` this is sequential SGD (to float rounding).
+
+The end: ``run.steps`` counts each core's own steps (or ``run.total_steps`` all cores'
+together, or ``run.time_limit_s``), as in every asynchronous method. A leader whose own budget
+is spent goes on pushing its node's change every B steps of the node while its other cores
+still step; once every core of its node has stopped it pushes the last change and says goodbye
+(an empty CONTROL message) to every server. A server ends when every leader has said goodbye,
+so every step of every core reaches the servers. Evaluation is the servers' model, every
+``run.eval_every`` pushes applied (rank 0).
+
+What lock-freedom costs is counted, not guessed: every core marks its write of the shared copy
+in a node counter (an atomic add before and after it); a write that overlapped another core's is
+counted in ``overlapping_updates``. Such a write may have overwritten part of the other (a
+lost update); a write that did not overlap lost nothing. The servers' staleness (pushes applied
+between a leader's pull and its push) is the engine's.
+
+[decision] ``cores_mode: ranks`` realises the cores as MPI ranks of a node; ``threads`` runs
+``algorithm.cores`` threads in each rank instead, each core with its own problem object and
+random stream, over the same shared copy (numba and numpy kernels release the interpreter's
+lock, so the cores run in parallel where the problem's work is in them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from mpiopt.algorithms import ALGORITHMS
+from mpiopt.algorithms.base import SERVER, WORKER, ranks_of
+from mpiopt.algorithms.ps import ParameterServer, ServerKeys
+from mpiopt.comm.transport import Channel, wait_all
+from mpiopt.comm.windows import SharedWindow
+from mpiopt.config import param
+from mpiopt.errors import ConfigError
+
+_STEPS, _DONE, _OVERLAP, _WRITERS = range(4)  # a core's counters (writers: the leader's only)
+CORES_MODES = ("ranks",)
+
+
+def write(x, change, sign: float = -1.0) -> None:
+    """Add ``sign * change`` to the shared ``x`` where ``change`` is not zero, without locks.
+
+    Coordinates where ``change`` is zero are not written at all: an in-place update of the
+    whole vector would store their old values again and could undo another core's concurrent
+    update of them. Writers that touch disjoint coordinates therefore lose nothing.
+    """
+    nz = np.flatnonzero(change)
+    if nz.size == change.size:
+        if sign < 0:
+            x -= change
+        else:
+            x += change
+    elif nz.size:
+        x[nz] += change[nz] if sign > 0 else -change[nz]
+
+
+class DPSGD(ParameterServer):
+    """The servers apply the nodes' changes; a node's cores update one copy without locks."""
+
+    GOODBYE_ENDS = False  # the leaders end the run, each by its goodbye
+
+    def setup(self) -> None:
+        ctx = self.ctx
+        self._make_node()
+        self.leaders = ctx.transport.allgather_obj(
+            ctx.rank if ctx.role == WORKER and self.node.rank == 0 else None)
+        self.leaders = [r for r in self.leaders if r is not None]
+        super().setup()
+        if ctx.role == WORKER:
+            self._setup_core()
+
+    def clients(self) -> list[int]:
+        return self.leaders
+
+    def apply(self, w, g, worker: int, staleness: int, lr: float) -> None:
+        w += g  # a node's change: its cores applied the learning rate
+
+    def spent(self) -> bool:
+        return False  # the cores' budgets end the run: see the module doc
+
+    def budget(self):
+        if self.ctx.role == SERVER:
+            return None, None, None
+        return super(ParameterServer, self).budget()  # the run's keys, per core
+
+    # ------------------------------------------------------------------ nodes
+
+    def _make_node(self) -> None:
+        """Group the workers into nodes (collective over the workers)."""
+        ctx, cfg = self.ctx, self.cfg
+        workers = ranks_of(ctx.roles)
+        mine = self.workers_transport = ctx.transport.split(0 if ctx.role == WORKER else None)
+        if mine is None:  # a server
+            self.node = None
+            return
+        size = cfg.node_size
+        if size is None:
+            self.node = mine.split_shared()
+            return
+        self.node = mine.split(workers.index(ctx.rank) // size)
+        shared = self.node.split_shared()
+        apart = shared.size != self.node.size
+        shared.free()
+        if apart:
+            raise ConfigError(f"{size} ranks of a node do not share memory here (only "
+                              f"{shared.size} of rank {ctx.rank}'s do); valid: at most the "
+                              "ranks of one physical node, or null for the physical node",
+                              key="algorithm.node_size")
+
+    def _setup_core(self) -> None:
+        ctx, node, d = self.ctx, self.node, self.d
+        self.leader = node.rank == 0
+        self.node_index = self.leaders.index(node.bcast_obj(ctx.rank))
+        self.shared = SharedWindow(node, d if self.leader else 0, np.float32, name="node model")
+        self.marks = SharedWindow(node, 4, np.int64, name="node counters")
+        self.v = self.shared.view(0)
+        if self.leader:
+            self.v[...] = self.x
+        self.shared.fence()  # every core sees the initial model
+        self.x = self.v  # the gradient is computed at the shared copy, and applied to it
+        self.mark = self.marks.local
+        self.pushes = 0
+        if self.leader:
+            self.base = self.x.copy()  # the model as last pulled
+            self.pulled = np.empty(d, np.float32)
+            self.pulled_parts = [self.pulled[lo:hi] for lo, hi in self.bounds]
+            self.node_steps_at_push = 0
+            self.losses: list[float] = []
+            self.gone = False  # said goodbye
+
+    # ------------------------------------------------------------------ steps
+
+    def step(self, step: int, lr: float) -> float:
+        if self.ctx.role == SERVER:
+            return self._server_step(step, lr)
+        loss = self._core_step(self.ctx.problem, self.ctx.rng, self.g, self.state, lr)
+        self.mark[_STEPS] = step + 1  # after the step's write (see _exchange)
+        if self.node.size > 1:
+            self.marks.sync()  # a memory barrier: the write is visible before the count
+        if self.leader:
+            self.losses.append(loss)
+            if (step + 1) % self.cfg.local_steps == 0:
+                self._exchange()
+        return loss
+
+    def _core_step(self, problem, rng, g, state, lr: float) -> float:
+        """One core's lock-free step on the shared copy; count a write that overlapped."""
+        loss = problem.gradient(self.x, rng, g)["loss"]
+        step = self.opt.step(self.x, g, state, lr)
+        if self.node.size == 1:
+            self.x -= step
+            return loss
+        before = self.marks.fetch_and_add(1, 0, _WRITERS)
+        write(self.x, step)
+        after = self.marks.fetch_and_add(-1, 0, _WRITERS)
+        if before > 0 or after > 1:
+            self.mark[_OVERLAP] += 1
+        return loss
+
+    def _exchange(self) -> None:
+        """Push the node's change since the last pull; fold the answer into the shared copy."""
+        t = self.ctx.transport
+        self.push[0] = np.mean(self.losses) if self.losses else np.nan
+        self.losses = []
+        # Counted before the change is read: a core stores its step, then counts it, so every
+        # step counted here is in the change (later ones may be too, and go again next time).
+        self.node_steps_at_push = self._node_steps()
+        np.subtract(self.v, self.base, out=self.g)  # delta, in the push's gradient part
+        answers = [t.irecv(part, s, Channel.MODEL)
+                   for s, part in zip(self.servers, self.pulled_parts)]
+        sent = [t.isend(part, s, Channel.GRADIENT) for s, part in zip(self.servers, self.parts)]
+        wait_all(answers)
+        wait_all(sent)
+        # v_p <- v_p + (v - base - delta): what the cores did meanwhile is kept.
+        np.subtract(self.pulled, self.base, out=self.base)
+        self.base -= self.g
+        write(self.v, self.base, +1.0)  # only where the model moved: the cores write on
+        self.base[...] = self.pulled
+        self.pushes += 1
+
+    def _node_steps(self) -> int:
+        self.marks.sync()
+        return int(sum(self.marks.view(r)[_STEPS] for r in range(self.node.size)))
+
+    def _node_done(self) -> bool:
+        self.marks.sync()
+        return all(self.marks.view(r)[_DONE] for r in range(self.node.size))
+
+    def settle(self) -> None:
+        if self.ctx.role == SERVER:
+            return super().settle()
+        self.mark[_DONE] = 1
+        self.marks.sync()
+
+    def serve(self) -> None:
+        """A leader whose own steps are done: push for the node's other cores, then leave."""
+        if self.ctx.role == SERVER or not self.leader or self.gone:
+            return
+        done = self._node_done()  # every core's last step is stored before it says so
+        new = self._node_steps() - self.node_steps_at_push  # steps not surely pushed yet
+        if new >= self.cfg.local_steps or (done and new):
+            self._exchange()
+        if done:
+            t = self.ctx.transport
+            wait_all([t.isend(self.bye, s, Channel.CONTROL) for s in self.servers])
+            self.gone = True
+
+    def finish(self) -> None:
+        ctx = self.ctx
+        core = None
+        if ctx.role == WORKER:
+            core = {"rank": ctx.rank, "node": self.node_index,
+                    "steps": int(self.mark[_STEPS]),
+                    "overlapping_updates": int(self.mark[_OVERLAP]),
+                    "pushes": self.pushes}
+        self.cores = [c for c in ctx.transport.allgather_obj(core) if c is not None]
+        super().finish()
+        if ctx.role == WORKER:
+            self.x = self.x.copy()  # the shared memory goes with the window
+            self.marks.free()
+            self.shared.free()
+            self.node.free()
+            self.workers_transport.free()
+
+    def summary_info(self) -> dict:
+        info = super().summary_info()
+        steps = sum(c["steps"] for c in self.cores)
+        overlap = sum(c["overlapping_updates"] for c in self.cores)
+        nodes = len(self.leaders)
+        info.update({
+            "nodes": nodes,
+            "cores_per_node": [sum(1 for c in self.cores if c["node"] == n)
+                               for n in range(nodes)],
+            "core_steps": steps,
+            "core_steps_per_rank": {c["rank"]: c["steps"] for c in self.cores},
+            "overlapping_updates": overlap,
+            "overlapping_fraction": overlap / steps if steps else 0.0,
+        })
+        return info
+
+
+@ALGORITHMS.register("dpsgd")
+@dataclass(frozen=True)
+class DPSGDConfig(ServerKeys):
+    """DPSGD: lock-free cores per node, an asynchronous parameter server across nodes."""
+
+    local_steps: int = param(1, "B: a node leader pushes its node's change (and pulls the "
+                             "model) every this many of its own steps.", low=1)
+    node_size: int | None = param(None, "Workers per node, consecutive ranks after the servers "
+                                  "(null: the workers of each physical node). Smaller than a "
+                                  "physical node, one machine emulates several nodes.", low=1)
+    cores_mode: str = param("ranks", "How a node's cores run: ranks (each rank of the node is "
+                            "a core).", choices=CORES_MODES)
+
+    def build(self, ctx) -> DPSGD:
+        return DPSGD(self, ctx)
