@@ -39,6 +39,7 @@ lock, so the cores run in parallel where the problem's work is in them).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,12 +48,12 @@ from mpiopt.algorithms import ALGORITHMS
 from mpiopt.algorithms.base import SERVER, WORKER, ranks_of
 from mpiopt.algorithms.ps import ParameterServer, ServerKeys
 from mpiopt.comm.transport import Channel, wait_all
-from mpiopt.comm.windows import SharedWindow
+from mpiopt.comm.windows import ProgressThread, SharedWindow
 from mpiopt.config import param
 from mpiopt.errors import ConfigError
 
 _STEPS, _DONE, _OVERLAP, _WRITERS = range(4)  # a core's counters (writers: the leader's only)
-CORES_MODES = ("ranks",)
+CORES_MODES = ("ranks", "threads")
 
 
 def write(x, change, sign: float = -1.0) -> None:
@@ -76,6 +77,7 @@ class DPSGD(ParameterServer):
     """The servers apply the nodes' changes; a node's cores update one copy without locks."""
 
     GOODBYE_ENDS = False  # the leaders end the run, each by its goodbye
+    threads: list = []  # this rank's other cores (cores_mode: threads)
 
     def setup(self) -> None:
         ctx = self.ctx
@@ -137,7 +139,7 @@ class DPSGD(ParameterServer):
         self.shared.fence()  # every core sees the initial model
         self.x = self.v  # the gradient is computed at the shared copy, and applied to it
         self.mark = self.marks.local
-        self.pushes = 0
+        self.pushes, self.overlap = 0, 0
         if self.leader:
             self.base = self.x.copy()  # the model as last pulled
             self.pulled = np.empty(d, np.float32)
@@ -145,14 +147,26 @@ class DPSGD(ParameterServer):
             self.node_steps_at_push = 0
             self.losses: list[float] = []
             self.gone = False  # said goodbye
+        threads = self.cfg.cores - 1 if self.cfg.cores_mode == "threads" else 0
+        if threads and not ProgressThread.supported():  # the cores' atomics call MPI
+            raise ConfigError("threads need MPI thread level 'multiple' (mpi4py's default; "
+                              "check mpi4py.rc.thread_level); valid: ranks",
+                              key="algorithm.cores_mode")
+        self.threads = [_Core(self, i) for i in range(1, threads + 1)]
 
     # ------------------------------------------------------------------ steps
 
     def step(self, step: int, lr: float) -> float:
         if self.ctx.role == SERVER:
             return self._server_step(step, lr)
-        loss = self._core_step(self.ctx.problem, self.ctx.rng, self.g, self.state, lr)
-        self.mark[_STEPS] = step + 1  # after the step's write (see _exchange)
+        loss, overlapped = self._core_step(self.ctx.problem, self.ctx.rng, self.g, self.state,
+                                           lr)
+        self.overlap += overlapped
+        for th in self.threads:
+            th.check()
+        self.mark[_OVERLAP] = self.overlap + sum(th.overlap for th in self.threads)
+        # After the steps' writes (see _exchange): this thread's and the other cores' here.
+        self.mark[_STEPS] = step + 1 + sum(th.steps for th in self.threads)
         if self.node.size > 1:
             self.marks.sync()  # a memory barrier: the write is visible before the count
         if self.leader:
@@ -161,19 +175,18 @@ class DPSGD(ParameterServer):
                 self._exchange()
         return loss
 
-    def _core_step(self, problem, rng, g, state, lr: float) -> float:
-        """One core's lock-free step on the shared copy; count a write that overlapped."""
+    def _core_step(self, problem, rng, g, state, lr: float) -> tuple[float, bool]:
+        """One core's lock-free step on the shared copy; return its loss and whether its write
+        overlapped another core's."""
         loss = problem.gradient(self.x, rng, g)["loss"]
         step = self.opt.step(self.x, g, state, lr)
-        if self.node.size == 1:
+        if self.node.size == 1 and not self.threads:
             self.x -= step
-            return loss
+            return loss, False
         before = self.marks.fetch_and_add(1, 0, _WRITERS)
         write(self.x, step)
         after = self.marks.fetch_and_add(-1, 0, _WRITERS)
-        if before > 0 or after > 1:
-            self.mark[_OVERLAP] += 1
-        return loss
+        return loss, bool(before > 0 or after > 1)
 
     def _exchange(self) -> None:
         """Push the node's change since the last pull; fold the answer into the shared copy."""
@@ -204,9 +217,23 @@ class DPSGD(ParameterServer):
         self.marks.sync()
         return all(self.marks.view(r)[_DONE] for r in range(self.node.size))
 
+    def warm_up(self) -> None:
+        super().warm_up()
+        for th in self.threads:  # after the main core's warm-up: the same kernels, loaded
+            th.problem.warm_up(self.x, th.g)
+            th.start()
+
     def settle(self) -> None:
         if self.ctx.role == SERVER:
             return super().settle()
+        run = self.ctx.cfg.run
+        if run.total_steps is not None or self.ctx.out_of_time():
+            for th in self.threads:  # the budget this rank's loop obeyed ends theirs too
+                th.halt.set()
+        for th in self.threads:
+            th.finish()
+        self.mark[_OVERLAP] = self.overlap + sum(th.overlap for th in self.threads)
+        self.mark[_STEPS] = self.ctx.steps_done + sum(th.steps for th in self.threads)
         self.mark[_DONE] = 1
         self.marks.sync()
 
@@ -214,6 +241,7 @@ class DPSGD(ParameterServer):
         """A leader whose own steps are done: push for the node's other cores, then leave."""
         if self.ctx.role == SERVER or not self.leader or self.gone:
             return
+        self.mark[_STEPS] = self.ctx.steps_done + sum(th.steps for th in self.threads)
         done = self._node_done()  # every core's last step is stored before it says so
         new = self._node_steps() - self.node_steps_at_push  # steps not surely pushed yet
         if new >= self.cfg.local_steps or (done and new):
@@ -230,7 +258,7 @@ class DPSGD(ParameterServer):
             core = {"rank": ctx.rank, "node": self.node_index,
                     "steps": int(self.mark[_STEPS]),
                     "overlapping_updates": int(self.mark[_OVERLAP]),
-                    "pushes": self.pushes}
+                    "pushes": self.pushes, "cores": 1 + len(self.threads)}
         self.cores = [c for c in ctx.transport.allgather_obj(core) if c is not None]
         super().finish()
         if ctx.role == WORKER:
@@ -247,14 +275,59 @@ class DPSGD(ParameterServer):
         nodes = len(self.leaders)
         info.update({
             "nodes": nodes,
-            "cores_per_node": [sum(1 for c in self.cores if c["node"] == n)
+            "cores_per_node": [sum(c["cores"] for c in self.cores if c["node"] == n)
                                for n in range(nodes)],
             "core_steps": steps,
-            "core_steps_per_rank": {c["rank"]: c["steps"] for c in self.cores},
+            "core_steps_per_worker": [c["steps"] for c in self.cores],  # in rank order
             "overlapping_updates": overlap,
             "overlapping_fraction": overlap / steps if steps else 0.0,
         })
         return info
+
+
+class _Core(threading.Thread):
+    """One more core of a rank (``cores_mode: threads``): its own problem, stream and buffers.
+
+    It steps on the node's shared copy like a rank does, ``run.steps`` times (or until the
+    rank's loop ends by a time or total budget), while the rank's main thread steps too; the
+    main thread folds its counts into the node's counters and raises its error, if any.
+    """
+
+    def __init__(self, alg: DPSGD, index: int):
+        super().__init__(name=f"core-{index}", daemon=True)
+        ctx = alg.ctx
+        self.alg, self.index = alg, index
+        self.problem = ctx.problem.replica()
+        self.rng = np.random.default_rng([ctx.cfg.run.seed, 4, ctx.rank, index])
+        self.g = np.empty_like(alg.x)
+        self.state = alg.opt.init(alg.x)
+        self.budget = ctx.steps if ctx.cfg.run.total_steps is None else None
+        self.steps = self.overlap = 0
+        self.halt = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        alg, schedule = self.alg, self.alg.ctx.schedule
+        try:
+            while not self.halt.is_set() and (self.budget is None or self.steps < self.budget):
+                _, overlapped = alg._core_step(self.problem, self.rng, self.g, self.state,
+                                               schedule(self.steps))
+                self.overlap += overlapped
+                self.steps += 1  # after the write, as the rank's own count
+        except BaseException as e:  # raised again in the rank's main thread
+            self.error = e
+
+    def check(self) -> None:
+        """Raise this core's error in the calling (main) thread."""
+        if self.error is not None:
+            raise RuntimeError(f"core thread {self.index} of rank {self.alg.ctx.rank} failed: "
+                               f"{self.error!r}") from self.error
+
+    def finish(self) -> None:
+        """Wait for this core to end its steps (each is short), then raise its error."""
+        while self.is_alive():
+            self.join(0.05)
+        self.check()
 
 
 @ALGORITHMS.register("dpsgd")
@@ -268,7 +341,10 @@ class DPSGDConfig(ServerKeys):
                                   "(null: the workers of each physical node). Smaller than a "
                                   "physical node, one machine emulates several nodes.", low=1)
     cores_mode: str = param("ranks", "How a node's cores run: ranks (each rank of the node is "
-                            "a core).", choices=CORES_MODES)
+                            "a core) or threads (each rank also runs algorithm.cores - 1 more "
+                            "threads over the node's copy).", choices=CORES_MODES)
+    cores: int = param(1, "Cores per rank with cores_mode: threads (the rank's own thread "
+                       "included).", low=1)
 
     def build(self, ctx) -> DPSGD:
         return DPSGD(self, ctx)

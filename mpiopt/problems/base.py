@@ -37,6 +37,18 @@ class Problem:
         """Return test metrics of ``x`` (``loss``, ``accuracy``)."""
         raise NotImplementedError
 
+    def replica(self) -> Problem:
+        """Return an independent copy for another thread of this rank (its own buffers).
+
+        A deep copy by default (modules, such as the array module, are shared); a problem
+        whose data is read-only may share it instead.
+        """
+        import copy
+        import types
+
+        shared = {id(v): v for v in vars(self).values() if isinstance(v, types.ModuleType)}
+        return copy.deepcopy(self, shared)
+
     def warm_up(self, x, out, calls: int = 16) -> None:
         """Compute ``calls`` gradients into the scratch ``out``, leaving the run unchanged.
 
