@@ -15,6 +15,7 @@ ALGORITHMS = Registry("algorithm", __name__, {
     "ef_signsgd": "signum",
     "gsgm": "gsgm",
     "local_sgd": "local_sgd",
+    "mll_sgd": "mll_sgd",
     "signsgd": "signum",
     "signum": "signum",
     "swarm": "swarm",

@@ -133,6 +133,7 @@ class Transport:
         self.timeout = float(timeout)
         self.cuda_aware = cuda_aware
         self.step = -1
+        self._parent: Transport | None = None  # a split's parent, charged with its traffic
         self.reset_stats()
         self._watchdog = _Watchdog(MPI.COMM_WORLD.Get_rank(), MPI.Query_thread())
         self.staging = backend.StagingPool()
@@ -150,6 +151,8 @@ class Transport:
         if channel is not Channel.EVAL:
             self._sent += sent
             self._recv += recv
+        if self._parent is not None:  # a sub-communicator's traffic is the run's traffic too
+            self._parent._charge(channel, sent, recv, seconds)
 
     def charge_time(self, channel: Channel, seconds: float) -> None:
         """Count ``seconds`` of communication that no call of the transport timed.
@@ -415,19 +418,26 @@ class Transport:
         """Return a transport over the ranks of the same ``color``, ordered by ``key``.
 
         Collective over this transport. A rank passing ``color=None`` joins no group (a
-        parameter server left out of its workers' communicator) and gets None.
+        parameter server left out of its workers' communicator) and gets None. The new
+        transport's bytes and seconds are also counted on this one.
         """
         mpi_color = MPI.UNDEFINED if color is None else int(color)
         sub = self._call("split", "all", Channel.CONTROL, 0, 0, self.comm.Split, mpi_color,
                          self.rank if key is None else key)
         if sub == MPI.COMM_NULL:
             return None
-        return Transport(sub, self.timeout, self.cuda_aware, _dup=False)
+        return self._child(sub)
+
+    def _child(self, comm) -> Transport:
+        """A transport over ``comm`` whose counts also go to this one's."""
+        child = Transport(comm, self.timeout, self.cuda_aware, _dup=False)
+        child._parent = self
+        return child
 
     def split_shared(self) -> Transport:
         """Return a transport over the ranks that share this node's memory."""
         sub = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
-        return Transport(sub, self.timeout, self.cuda_aware, _dup=False)
+        return self._child(sub)
 
     def free(self) -> None:
         """Release the duplicated communicator and the free host staging arrays."""

@@ -35,7 +35,7 @@ INVALID = [
      "steps, target_accuracy, time_limit_s, total_steps"),
     ("unknown algorithm", lambda t: QUICK, ["--set", "algorithm.name=adam"],
      "algorithm.name: unknown algorithm 'adam'; valid: allreduce, asgd, d_psgd, dcasgd, dpsgd, "
-     "ef_signsgd, gsgm, local_sgd, signsgd, signum, swarm"),
+     "ef_signsgd, gsgm, local_sgd, mll_sgd, signsgd, signum, swarm"),
     ("unknown problem", lambda t: QUICK, ["--set", "problem.name=cnn"],
      "problem.name: unknown problem 'cnn'; valid: mlp, softmax"),
     ("unknown dataset", lambda t: QUICK, ["--set", "data.name=mnist"],
