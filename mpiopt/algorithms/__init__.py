@@ -7,6 +7,7 @@ entry when the configuration names it.
 from mpiopt.config import Registry
 
 ALGORITHMS = Registry("algorithm", __name__, {
+    "ad_psgd": "swarm",
     "allreduce": "allreduce",
     "asgd": "asgd",
     "d_psgd": "d_psgd",

@@ -111,6 +111,7 @@ class Gossip:
             self.inbox = Inbox(transport, d, np.float32, "swarm.inbox", Channel.GOSSIP)
             self.drained = np.zeros(d, np.float32)
         self.corr = np.empty(d, np.float32)
+        self.pending = False  # pairwise: also read the partner's undrained inbox (AD-PSGD)
         self.interactions = self.fallbacks = 0
         self.blocked_s = self.longest_s = 0.0
 
@@ -176,6 +177,9 @@ class Gossip:
         j = self.topology.random_neighbor(self.t.rank, rng)
         t0, inside = time.perf_counter(), self.t.comm_seconds()
         peer = self.read(j, x)
+        if self.pending:  # the corrections others sent j that it has not applied yet
+            self.inbox.win.get_accumulate(None, self.corr, j, 0, "no_op")
+            peer += self.corr
         if self.inbox is not None:  # pairwise: the partner moves by (x_i - x_j)/2 too
             np.subtract(x, peer, out=self.corr)
             self.corr *= 0.5
@@ -404,3 +408,46 @@ class SwarmConfig(GraphKeys):
 
     def build(self, ctx) -> Swarm:
         return Swarm(self, ctx)
+
+
+class ADPSGD(Swarm):
+    """AD-PSGD: the gradient at a stale read, an atomic pairwise average, then the step.
+
+    Lian et al. (ICML 2018): a worker reads its model, computes a gradient there, averages its
+    model with a random neighbour's -- both ends move to the average, atomically for each --
+    and then applies the gradient computed at the earlier read. On SwarmSGD's machinery
+    (``mode: pairwise``, one local step): the read is the model before this step's drain and
+    average, so the gradient is stale by the corrections that arrived and by the average. The
+    average is taken with the partner's model as it effectively is: its published copy plus
+    the corrections other ranks have added into its inbox and it has not applied yet (one more
+    read). Without them, a slow partner's stale copy makes concurrent averages with it
+    overshoot, and at 8 ranks with one 4x slower the models spread instead of meeting.
+    """
+
+    def setup(self) -> None:
+        super().setup()
+        self.gossip.pending = True
+
+    def step(self, step: int, lr: float) -> float:
+        gossip, x = self.gossip, self.x
+        loss = self.local_gradient(step)  # at the read
+        gossip.drain(x)
+        gossip.interact(x, self.ctx.rng)
+        x -= self.opt.step(x, self.g, self.state, lr)
+        gossip.publish(x, step)
+        self.last = step
+        return loss
+
+
+@ALGORITHMS.register("ad_psgd")
+@dataclass(frozen=True)
+class ADPSGDConfig(SwarmConfig):
+    """AD-PSGD: asynchronous pairwise averaging, the gradient at a stale read (a baseline)."""
+
+    mode: str = param("pairwise", "pairwise: both ends of an average move to it (AD-PSGD's "
+                      "atomic averaging; the only mode).", choices=("pairwise",))
+    local_steps: int = param(1, "One step between two averagings (the only value).", low=1,
+                             high=1)
+
+    def build(self, ctx) -> ADPSGD:
+        return ADPSGD(self, ctx)

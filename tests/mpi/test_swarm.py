@@ -67,6 +67,13 @@ def test_averaging_across_emulated_nodes(n, mode, quantize, slots):
                      OTHER_NODES)
 
 
+@pytest.mark.parametrize("n", [3, 8])
+def test_ad_psgd_never_stalls_and_keeps_the_sum(tmp_path, n):
+    # AD-PSGD on the same machinery, a 4x slower rank, up to 8 ranks on 2 cores.
+    run_check_script(n, "check_swarm_stop.py", f"ad_psgd stop checks passed on {n} ranks",
+                     args=[str(tmp_path), "ad_psgd", "100"])
+
+
 @pytest.mark.parametrize("n, env", [(3, None), (4, OTHER_NODES)])
 def test_the_stop_loses_no_correction(tmp_path, n, env):
     # Through the whole asynchronous loop (settle, serve, the stop, the last drain), with

@@ -6,7 +6,9 @@ others reach the stop first and wait, serving meanwhile. After the run (settle, 
 last drain, the windows freed) the sum of the models must equal the sum at the start: a
 correction still in flight at the stop, or drained before it landed, would break it.
 
-Usage: check_swarm_stop.py OUT_DIR
+The same for AD-PSGD (``ad_psgd``), which averages on the same machinery.
+
+Usage: check_swarm_stop.py OUT_DIR [ALGORITHM [STEPS]]
 """
 
 import os
@@ -23,20 +25,22 @@ from mpiopt.runner import build_problem
 from mpiopt.schema import config_from_dict
 
 out = sys.argv[1]
+name = sys.argv[2] if len(sys.argv) > 2 else "swarm"
+steps = int(sys.argv[3]) if len(sys.argv) > 3 else 150
 t = Transport(timeout=60)
 raw = {"problem": {"name": "mlp", "hidden": [16]},
        "data": {"name": "synthetic", "n_samples": 400, "n_features": 10, "n_classes": 3,
                 "batch_size": 16},
-       "algorithm": {"name": "swarm", "mode": "pairwise", "topology": "complete",
+       "algorithm": {"name": name, "mode": "pairwise", "topology": "complete",
                      "momentum": 0.9, "weight_decay": 1e-3},
-       "run": {"steps": 150, "eval_every": 0, "slowdown": {0: 4}}}
+       "run": {"steps": steps, "eval_every": 0, "slowdown": {0: 4}}}
 cfg = config_from_dict(raw)
 xp, shard, problem = build_problem(t, cfg)
 start = problem.init(np.random.default_rng([7, t.rank]))  # every rank its own model
 problem.init = lambda rng: start.copy()
 os.makedirs(out, exist_ok=True)
 ctx = Context(cfg, t, problem, xp, out, StepLog(f"{out}/rank{t.rank}.h5", 64),
-              FaultInjector.from_env(t.rank), Progress(150, 1.0, enabled=False))
+              FaultInjector.from_env(t.rank), Progress(steps, 1.0, enabled=False))
 ctx.schedule = lambda step: 0.0  # models move only by averaging
 algo = cfg.algorithm.build(ctx)
 before = t.allreduce(start.astype(np.float64))
@@ -50,4 +54,4 @@ assert sum(r["interactions"] for r in algo.totals) > 0
 ctx.steplog.close()
 t.barrier()
 if t.rank == 0:
-    print(f"swarm stop checks passed on {t.size} ranks", flush=True)
+    print(f"{name} stop checks passed on {t.size} ranks", flush=True)
