@@ -34,8 +34,8 @@ INVALID = [
      "eval_every, metrics_chunk, out, overwrite, progress_every_s, quiet, seed, slowdown, "
      "steps, target_accuracy, time_limit_s, total_steps"),
     ("unknown algorithm", lambda t: QUICK, ["--set", "algorithm.name=adam"],
-     "algorithm.name: unknown algorithm 'adam'; valid: ad_psgd, allreduce, asgd, d_psgd, dcasgd, dpsgd, "
-     "ef_signsgd, gsgm, local_sgd, mll_sgd, signsgd, signum, swarm"),
+     "algorithm.name: unknown algorithm 'adam'; valid: ad_psgd, allreduce, asgd, d_psgd, "
+     "dcasgd, dpsgd, ef_signsgd, gsgm, local_sgd, mll_sgd, signsgd, signum, swarm"),
     ("unknown problem", lambda t: QUICK, ["--set", "problem.name=cnn"],
      "problem.name: unknown problem 'cnn'; valid: mlp, softmax"),
     ("unknown dataset", lambda t: QUICK, ["--set", "data.name=mnist"],
