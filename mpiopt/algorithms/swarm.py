@@ -29,9 +29,11 @@ average; the initiator also adds ``(x_i - x_j)/2`` into the partner's inbox wind
 ``Accumulate(SUM)`` (one-sided, so the partner never waits or is waited for), and every rank
 drains its inbox each step (:class:`~mpiopt.comm.board.Inbox`: an atomic read with
 ``Get_accumulate(NO_OP)``, then ``Accumulate(SUM)`` of minus what it read, so only ops that the
-window's ``accumulate_ops`` hint keeps atomic together meet). The sum of all models is
-preserved in real arithmetic, staleness included, because both ends use the same decoded copy
-``x_j``.
+window's ``accumulate_ops`` hint keeps atomic together meet). The initiator's ``x_j`` is the
+partner's effective model: its published copy plus what is in its inbox, not yet applied (an
+atomic read of the partner's inbox); otherwise several averages with a slow partner's stale
+copy overshoot. The sum of all models is preserved in real arithmetic, staleness included,
+because both ends use the same ``x_j``.
 
 Quantization (``quantize``): ``fp16``, or the lattice scheme ``lattice16``/``lattice8``
 (``z = round(x/eps) mod q``, decoded against the reader's own model). A violated distance bound
@@ -111,7 +113,9 @@ class Gossip:
             self.inbox = Inbox(transport, d, np.float32, "swarm.inbox", Channel.GOSSIP)
             self.drained = np.zeros(d, np.float32)
         self.corr = np.empty(d, np.float32)
-        self.pending = False  # pairwise: also read the partner's undrained inbox (AD-PSGD)
+        # Pairwise: the average is with the partner's effective model, its published copy plus
+        # the corrections others have added into its inbox that it has not applied yet.
+        self.pending = self.inbox is not None
         self.interactions = self.fallbacks = 0
         self.blocked_s = self.longest_s = 0.0
 
@@ -418,15 +422,8 @@ class ADPSGD(Swarm):
     and then applies the gradient computed at the earlier read. On SwarmSGD's machinery
     (``mode: pairwise``, one local step): the read is the model before this step's drain and
     average, so the gradient is stale by the corrections that arrived and by the average. The
-    average is taken with the partner's model as it effectively is: its published copy plus
-    the corrections other ranks have added into its inbox and it has not applied yet (one more
-    read). Without them, a slow partner's stale copy makes concurrent averages with it
-    overshoot, and at 8 ranks with one 4x slower the models spread instead of meeting.
+    average is with the partner's effective model, as in SwarmSGD's pairwise mode.
     """
-
-    def setup(self) -> None:
-        super().setup()
-        self.gossip.pending = True
 
     def step(self, step: int, lr: float) -> float:
         gossip, x = self.gossip, self.x
