@@ -227,3 +227,15 @@ def test_parameter_servers_must_leave_a_worker():
                                                 "partial": 3}}
                          ).algorithm.check_world(4)
     assert e.value.key == "algorithm.partial"
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("cores_mode", "processes", "'processes' is not one of: ranks, threads"),
+    ("node_size", 0, "must be in [1, inf), got 0"),
+    ("local_steps", 0, "must be in [1, inf), got 0"),
+    ("cores", 0, "must be in [1, inf), got 0"),
+])
+def test_dpsgd_bad_keys(key, value, message):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({**BASE, "algorithm": {"name": "dpsgd", key: value}})
+    assert e.value.key == f"algorithm.{key}" and message in str(e.value)
