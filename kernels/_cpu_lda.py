@@ -1,0 +1,192 @@
+"""Numba kernels of LDA's variational E-step and of the word log-likelihood.
+
+Documents are rows of a CSR matrix (``indptr``, word ``ids``, ``counts``). The work is cut
+into one contiguous span of documents per thread, the spans holding near-equal numbers of
+distinct words (:func:`_doc_spans`), so that the split, and with it the order of every sum,
+depends only on the input and the thread count. Each thread accumulates its own sufficient
+statistics; they are added in thread order after the parallel loop.
+
+The hot loop is one pass over a document's words per update of ``gamma_d``: for each word the
+normaliser ``t . b_n`` and the accumulation of ``c_n b_n / (t . b_n)`` share the row ``b_n``
+(``exp_elog_beta`` is word-major, ``(words, topics)``, so the row is contiguous and the two
+inner loops over topics vectorise).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from ._cpu_base import _PAR, _SER
+from .reference import ESTEP_FLOOR
+
+__all__ = ["digamma", "lda_estep", "lda_loglik"]
+
+
+@njit(**_SER)
+def _digamma(x):
+    """Return psi(x) for x > 0 (recurrence up to 6, then the asymptotic series)."""
+    r = 0.0
+    while x < 6.0:
+        r -= 1.0 / x
+        x += 1.0
+    f = 1.0 / (x * x)
+    tail = f * (-1.0 / 12 + f * (1.0 / 120 + f * (-1.0 / 252 + f * (1.0 / 240 + f * (-1.0 / 132)))))
+    return r + math.log(x) - 0.5 / x + tail
+
+
+@njit(**_SER)
+def _exp_elog_theta(g, t):
+    """Write ``exp(psi(g_k) - psi(sum g))`` into ``t``."""
+    s = 0.0
+    for k in range(g.size):
+        s += g[k]
+    ps = _digamma(s)
+    for k in range(g.size):
+        t[k] = math.exp(_digamma(g[k]) - ps)
+
+
+@njit(**_SER)
+def _fit_doc(ids, c, eb, alpha, g, max_iter, tol, t, acc):
+    """Update one document's ``g`` in place until it settles; return the updates made."""
+    nk = g.size
+    _exp_elog_theta(g, t)
+    done = 0
+    for _ in range(max_iter):
+        for k in range(nk):
+            acc[k] = 0.0
+        for n in range(ids.size):
+            row = eb[ids[n]]
+            s = 0.0
+            for k in range(nk):
+                s += t[k] * row[k]
+            r = c[n] / (s + ESTEP_FLOOR)
+            for k in range(nk):
+                acc[k] += r * row[k]
+        change = 0.0
+        for k in range(nk):
+            v = alpha + t[k] * acc[k]
+            change += abs(v - g[k])
+            g[k] = v
+        _exp_elog_theta(g, t)
+        done += 1
+        if change / nk < tol:
+            break
+    return done
+
+
+@njit(**_SER)
+def _add_stats(ids, c, eb, t, stats):
+    """Add ``c_n t / (t . b_n)`` to the rows ``ids`` of ``stats``."""
+    nk = t.size
+    for n in range(ids.size):
+        row = eb[ids[n]]
+        s = 0.0
+        for k in range(nk):
+            s += t[k] * row[k]
+        r = c[n] / (s + ESTEP_FLOOR)
+        out = stats[ids[n]]
+        for k in range(nk):
+            out[k] += r * t[k]
+
+
+@njit(**_SER)
+def _doc_spans(indptr, nt):
+    """Return ``nt + 1`` document boundaries giving each task about the same words."""
+    nd = indptr.size - 1
+    cuts = np.empty(nt + 1, np.int64)
+    cuts[0] = 0
+    total = indptr[nd] - indptr[0]
+    d = 0
+    for t in range(1, nt):
+        goal = indptr[0] + (total * t) // nt
+        while d < nd and indptr[d] < goal:
+            d += 1
+        cuts[t] = d
+    cuts[nt] = nd
+    return cuts
+
+
+@njit(**_PAR)
+def _estep(indptr, ids, counts, eb, alpha, gamma, max_iter, tol, stats, want, nth):
+    nd, nk = gamma.shape
+    nt = max(1, min(nth, nd))
+    cuts = _doc_spans(indptr, nt)
+    rows = stats.shape[0] if want else 0
+    partial = np.zeros((nt, rows, nk))
+    done = np.zeros(nt, np.int64)
+    for task in prange(nt):
+        t = np.empty(nk)
+        acc = np.empty(nk)
+        for d in range(cuts[task], cuts[task + 1]):
+            lo, hi = indptr[d], indptr[d + 1]
+            g = gamma[d]
+            if lo == hi:
+                for k in range(nk):
+                    g[k] = alpha
+                continue
+            done[task] += _fit_doc(ids[lo:hi], counts[lo:hi], eb, alpha, g, max_iter, tol,
+                                   t, acc)
+            if want:
+                _add_stats(ids[lo:hi], counts[lo:hi], eb, t, partial[task])
+    if want:
+        for w in prange(rows):
+            out = stats[w]
+            for k in range(nk):
+                out[k] = 0.0
+            for task in range(nt):
+                src = partial[task, w]
+                for k in range(nk):
+                    out[k] += src[k]
+    return done.sum()
+
+
+def lda_estep(indptr, ids, counts, exp_elog_beta, alpha, gamma, max_iter, tol, sstats):
+    """Fit every document's ``gamma`` and write the sufficient statistics (see reference)."""
+    want = sstats is not None
+    stats = sstats if want else np.empty((0, gamma.shape[1]))
+    return int(_estep(indptr, ids, counts, exp_elog_beta, float(alpha), gamma, int(max_iter),
+                      float(tol), stats, want, numba.get_num_threads()))
+
+
+@njit(**_PAR)
+def _loglik(indptr, ids, counts, theta, beta, nth):
+    nd, nk = theta.shape
+    nt = max(1, min(nth, nd))
+    cuts = _doc_spans(indptr, nt)
+    part = np.zeros(nt)
+    for task in prange(nt):
+        s = 0.0
+        for d in range(cuts[task], cuts[task + 1]):
+            th = theta[d]
+            for j in range(indptr[d], indptr[d + 1]):
+                row = beta[ids[j]]
+                p = 0.0
+                for k in range(nk):
+                    p += th[k] * row[k]
+                s += counts[j] * math.log(p)
+        part[task] = s
+    return part.sum()
+
+
+def lda_loglik(indptr, ids, counts, theta, beta):
+    """Return ``sum_d sum_n c_n log(theta_d . beta_n)`` (see reference)."""
+    return float(_loglik(indptr, ids, counts, theta, beta, numba.get_num_threads()))
+
+
+@njit(**_SER)
+def _digamma_array(x, out):
+    flat, res = x.ravel(), out.ravel()
+    for i in range(flat.size):
+        res[i] = _digamma(flat[i])
+
+
+def digamma(x):
+    """Return psi of the float64 array ``x`` (``x > 0``)."""
+    x = np.ascontiguousarray(x, dtype=np.float64)
+    out = np.empty_like(x)
+    _digamma_array(x, out)
+    return out
