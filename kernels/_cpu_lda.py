@@ -4,7 +4,8 @@ Documents are rows of a CSR matrix (``indptr``, word ``ids``, ``counts``). The w
 into one contiguous span of documents per thread, the spans holding near-equal numbers of
 distinct words (:func:`_doc_spans`), so that the split, and with it the order of every sum,
 depends only on the input and the thread count. Each thread accumulates its own sufficient
-statistics; they are added in thread order after the parallel loop.
+statistics; they are added in thread order after the parallel loop. Calls with less work than
+:data:`PARALLEL_WORK` run on the calling thread alone.
 
 The hot loop is one pass over a document's words per update of ``gamma_d``: for each word the
 normaliser ``t . b_n`` and the accumulation of ``c_n b_n / (t . b_n)`` share the row ``b_n``
@@ -24,6 +25,11 @@ from ._cpu_base import _PAR, _SER
 from .reference import ESTEP_FLOOR
 
 __all__ = ["digamma", "lda_estep", "lda_loglik"]
+
+# Distinct words x topics of a call below which one thread does it all. A parallel region
+# costs tens of microseconds on idle cores but can cost milliseconds when the cores are shared
+# (a thread that is not scheduled holds up the others), more than such a call computes.
+PARALLEL_WORK = 1 << 18
 
 
 @njit(**_SER)
@@ -110,71 +116,97 @@ def _doc_spans(indptr, nt):
     return cuts
 
 
+@njit(**_SER)
+def _estep_span(indptr, ids, counts, eb, alpha, gamma, max_iter, tol, stats, want, lo, hi):
+    """Fit documents ``lo:hi``, adding their statistics to ``stats``; return the updates."""
+    nk = gamma.shape[1]
+    t = np.empty(nk)
+    acc = np.empty(nk)
+    done = 0
+    for d in range(lo, hi):
+        a, b = indptr[d], indptr[d + 1]
+        g = gamma[d]
+        if a == b:
+            for k in range(nk):
+                g[k] = alpha
+            continue
+        done += _fit_doc(ids[a:b], counts[a:b], eb, alpha, g, max_iter, tol, t, acc)
+        if want:
+            _add_stats(ids[a:b], counts[a:b], eb, t, stats)
+    return done
+
+
 @njit(**_PAR)
-def _estep(indptr, ids, counts, eb, alpha, gamma, max_iter, tol, stats, want, nth):
-    nd, nk = gamma.shape
-    nt = max(1, min(nth, nd))
+def _estep_parallel(indptr, ids, counts, eb, alpha, gamma, max_iter, tol, stats, want, nt):
+    nk = gamma.shape[1]
     cuts = _doc_spans(indptr, nt)
     rows = stats.shape[0] if want else 0
     partial = np.zeros((nt, rows, nk))
     done = np.zeros(nt, np.int64)
     for task in prange(nt):
-        t = np.empty(nk)
-        acc = np.empty(nk)
-        for d in range(cuts[task], cuts[task + 1]):
-            lo, hi = indptr[d], indptr[d + 1]
-            g = gamma[d]
-            if lo == hi:
-                for k in range(nk):
-                    g[k] = alpha
-                continue
-            done[task] += _fit_doc(ids[lo:hi], counts[lo:hi], eb, alpha, g, max_iter, tol,
-                                   t, acc)
-            if want:
-                _add_stats(ids[lo:hi], counts[lo:hi], eb, t, partial[task])
-    if want:
-        for w in prange(rows):
-            out = stats[w]
+        done[task] = _estep_span(indptr, ids, counts, eb, alpha, gamma, max_iter, tol,
+                                 partial[task], want, cuts[task], cuts[task + 1])
+    for w in prange(rows):
+        out = stats[w]
+        for k in range(nk):
+            out[k] = 0.0
+        for task in range(nt):
+            src = partial[task, w]
             for k in range(nk):
-                out[k] = 0.0
-            for task in range(nt):
-                src = partial[task, w]
-                for k in range(nk):
-                    out[k] += src[k]
+                out[k] += src[k]
     return done.sum()
+
+
+def _tasks(indptr, gamma) -> int:
+    """Return the threads worth using: one below PARALLEL_WORK, else up to one per document."""
+    work = int(indptr[-1]) * gamma.shape[1]
+    return 1 if work < PARALLEL_WORK else max(1, min(numba.get_num_threads(), gamma.shape[0]))
 
 
 def lda_estep(indptr, ids, counts, exp_elog_beta, alpha, gamma, max_iter, tol, sstats):
     """Fit every document's ``gamma`` and write the sufficient statistics (see reference)."""
     want = sstats is not None
     stats = sstats if want else np.empty((0, gamma.shape[1]))
-    return int(_estep(indptr, ids, counts, exp_elog_beta, float(alpha), gamma, int(max_iter),
-                      float(tol), stats, want, numba.get_num_threads()))
+    args = (indptr, ids, counts, exp_elog_beta, float(alpha), gamma, int(max_iter), float(tol),
+            stats, want)
+    nt = _tasks(indptr, gamma)
+    if nt == 1:
+        if want:
+            stats[...] = 0.0
+        return int(_estep_span(*args, 0, gamma.shape[0]))
+    return int(_estep_parallel(*args, nt))
+
+
+@njit(**_SER)
+def _loglik_span(indptr, ids, counts, theta, beta, lo, hi):
+    nk = theta.shape[1]
+    s = 0.0
+    for d in range(lo, hi):
+        th = theta[d]
+        for j in range(indptr[d], indptr[d + 1]):
+            row = beta[ids[j]]
+            p = 0.0
+            for k in range(nk):
+                p += th[k] * row[k]
+            s += counts[j] * math.log(p)
+    return s
 
 
 @njit(**_PAR)
-def _loglik(indptr, ids, counts, theta, beta, nth):
-    nd, nk = theta.shape
-    nt = max(1, min(nth, nd))
+def _loglik_parallel(indptr, ids, counts, theta, beta, nt):
     cuts = _doc_spans(indptr, nt)
     part = np.zeros(nt)
     for task in prange(nt):
-        s = 0.0
-        for d in range(cuts[task], cuts[task + 1]):
-            th = theta[d]
-            for j in range(indptr[d], indptr[d + 1]):
-                row = beta[ids[j]]
-                p = 0.0
-                for k in range(nk):
-                    p += th[k] * row[k]
-                s += counts[j] * math.log(p)
-        part[task] = s
+        part[task] = _loglik_span(indptr, ids, counts, theta, beta, cuts[task], cuts[task + 1])
     return part.sum()
 
 
 def lda_loglik(indptr, ids, counts, theta, beta):
     """Return ``sum_d sum_n c_n log(theta_d . beta_n)`` (see reference)."""
-    return float(_loglik(indptr, ids, counts, theta, beta, numba.get_num_threads()))
+    nt = _tasks(indptr, theta)
+    if nt == 1:
+        return float(_loglik_span(indptr, ids, counts, theta, beta, 0, theta.shape[0]))
+    return float(_loglik_parallel(indptr, ids, counts, theta, beta, nt))
 
 
 @njit(**_SER)

@@ -84,7 +84,8 @@ def corpus_from_texts(texts, min_df: int = 5, max_df: float = 0.5, stop: bool = 
     if not vocab:
         raise ConfigError(f"no word is in at least {min_df} and at most {max_df:g} of the "
                           f"{len(train_rows)} training documents (of {len(df)} distinct "
-                          f"words); lower min_df or raise max_df", key=keys["min_df"])
+                          f"words); lower {keys['min_df']} or raise {keys['max_df']}",
+                          key=keys["min_df"])
     index = {w: i for i, w in enumerate(vocab)}
     train, test = (_encode([docs[r] for r in rows], index, tuple(vocab))
                    for rows in (train_rows, test_rows))
