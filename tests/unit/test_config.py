@@ -53,7 +53,7 @@ def test_coerce_rejects_with_key(value, tp):
     ("data", "partition", "zipf", "data.partition: 'zipf' is not one of: iid, dirichlet, "
      "shards"),
     ("algorithm", "schedule", "exp", "algorithm.schedule: 'exp' is not one of: constant, "
-     "step, cosine"),
+     "step, cosine, inverse_power"),
     ("algorithm", "lr", float("nan"), "algorithm.lr: must be finite, got nan"),
     ("run", "cuda_aware", "maybe", "run.cuda_aware: 'maybe' is not one of: auto, true, false"),
 ])
