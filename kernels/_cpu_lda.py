@@ -9,8 +9,9 @@ statistics; they are added in thread order after the parallel loop. Calls with l
 
 The hot loop is one pass over a document's words per update of ``gamma_d``: for each word the
 normaliser ``t . b_n`` and the accumulation of ``c_n b_n / (t . b_n)`` share the row ``b_n``
-(``exp_elog_beta`` is word-major, ``(words, topics)``, so the row is contiguous and the two
-inner loops over topics vectorise).
+(``exp_elog_beta`` is word-major, ``(words, topics)``, so the row is contiguous, and the
+document's rows are copied together once before its updates). The two inner loops over topics
+vectorise; the dot product only because its additions may be reassociated (:data:`_DOT`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ __all__ = ["digamma", "lda_estep", "lda_loglik"]
 # costs tens of microseconds on idle cores but can cost milliseconds when the cores are shared
 # (a thread that is not scheduled holds up the others), more than such a call computes.
 PARALLEL_WORK = 1 << 18
+
+# The dot products over topics may be reassociated (and multiply-adds fused), so that LLVM
+# vectorises them; no other fast-math licence (NaN and infinities keep their meaning).
+_DOT = dict(_SER, fastmath={"reassoc", "contract"})
 
 
 @njit(**_SER)
@@ -55,17 +60,20 @@ def _exp_elog_theta(g, t):
         t[k] = math.exp(_digamma(g[k]) - ps)
 
 
-@njit(**_SER)
-def _fit_doc(ids, c, eb, alpha, g, max_iter, tol, t, acc):
-    """Update one document's ``g`` in place until it settles; return the updates made."""
+@njit(**_DOT)
+def _fit_doc(rows, c, alpha, g, max_iter, tol, t, acc):
+    """Update one document's ``g`` in place until it settles; return the updates made.
+
+    ``rows[n]`` is the row of ``exp_elog_beta`` of the document's word ``n``.
+    """
     nk = g.size
     _exp_elog_theta(g, t)
     done = 0
     for _ in range(max_iter):
         for k in range(nk):
             acc[k] = 0.0
-        for n in range(ids.size):
-            row = eb[ids[n]]
+        for n in range(rows.shape[0]):
+            row = rows[n]
             s = 0.0
             for k in range(nk):
                 s += t[k] * row[k]
@@ -84,12 +92,12 @@ def _fit_doc(ids, c, eb, alpha, g, max_iter, tol, t, acc):
     return done
 
 
-@njit(**_SER)
-def _add_stats(ids, c, eb, t, stats):
-    """Add ``c_n t / (t . b_n)`` to the rows ``ids`` of ``stats``."""
+@njit(**_DOT)
+def _add_stats(rows, ids, c, t, stats):
+    """Add ``c_n t / (t . b_n)`` to the rows ``ids`` of ``stats`` (``rows[n]`` is ``b_n``)."""
     nk = t.size
     for n in range(ids.size):
-        row = eb[ids[n]]
+        row = rows[n]
         s = 0.0
         for k in range(nk):
             s += t[k] * row[k]
@@ -122,6 +130,12 @@ def _estep_span(indptr, ids, counts, eb, alpha, gamma, max_iter, tol, stats, wan
     nk = gamma.shape[1]
     t = np.empty(nk)
     acc = np.empty(nk)
+    longest = 0
+    for d in range(lo, hi):
+        longest = max(longest, indptr[d + 1] - indptr[d])
+    # A document's rows of exp_elog_beta, gathered once: its many updates then read
+    # contiguous memory instead of rows scattered over the whole vocabulary.
+    buf = np.empty((longest, nk))
     done = 0
     for d in range(lo, hi):
         a, b = indptr[d], indptr[d + 1]
@@ -130,9 +144,14 @@ def _estep_span(indptr, ids, counts, eb, alpha, gamma, max_iter, tol, stats, wan
             for k in range(nk):
                 g[k] = alpha
             continue
-        done += _fit_doc(ids[a:b], counts[a:b], eb, alpha, g, max_iter, tol, t, acc)
+        rows = buf[: b - a]
+        for n in range(b - a):
+            src, dst = eb[ids[a + n]], rows[n]
+            for k in range(nk):
+                dst[k] = src[k]
+        done += _fit_doc(rows, counts[a:b], alpha, g, max_iter, tol, t, acc)
         if want:
-            _add_stats(ids[a:b], counts[a:b], eb, t, stats)
+            _add_stats(rows, ids[a:b], counts[a:b], t, stats)
     return done
 
 
@@ -177,7 +196,7 @@ def lda_estep(indptr, ids, counts, exp_elog_beta, alpha, gamma, max_iter, tol, s
     return int(_estep_parallel(*args, nt))
 
 
-@njit(**_SER)
+@njit(**_DOT)
 def _loglik_span(indptr, ids, counts, theta, beta, lo, hi):
     nk = theta.shape[1]
     s = 0.0

@@ -133,6 +133,10 @@ def cmd_bench(args) -> int:
         from mpiopt.bench import ps
 
         ps.run(args.size, args.repeats, args.json, args.steps)
+    elif args.what == "lda":
+        from mpiopt.bench import lda
+
+        lda.run(args.data, args.topics, args.batch, args.threads, args.repeats, args.json)
     elif args.what == "startup":
         from mpiopt.bench import startup
 
@@ -205,7 +209,7 @@ def _data_parser(sub) -> None:
 
 def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks against references measured in the same run")
-    p.add_argument("what", choices=("comm", "train", "kernels", "startup", "ps"),
+    p.add_argument("what", choices=("comm", "train", "kernels", "startup", "ps", "lda"),
                    help="startup: run as a plain process (it launches mpiexec itself)")
     p.add_argument("--max-mb", type=float, default=64.0, help="comm: largest buffer (MB)")
     p.add_argument("--repeats", type=int, default=None, help="timed repetitions")
@@ -218,7 +222,10 @@ def _bench_parser(sub) -> None:
                         "step; swarm: reads of idle and busy partners)")
     p.add_argument("--size", type=int, default=64 * 2**20,
                    help="kernels: elements; comm --algorithm, ps: the largest vector")
-    p.add_argument("--threads", type=int, default=None, help="kernels: numba threads")
+    p.add_argument("--threads", type=int, default=None, help="kernels, lda: numba threads")
+    p.add_argument("--data", default="news", help="lda: the bag-of-words data set")
+    p.add_argument("--topics", type=int, default=20, help="lda: topics K")
+    p.add_argument("--batch", type=int, default=256, help="lda: documents per minibatch")
     p.add_argument("--ranks", type=int, default=None,
                    help="startup: ranks of every case (default: 4 for the quickstart, 5 for "
                         "signum)")
