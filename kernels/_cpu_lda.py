@@ -27,7 +27,7 @@ from .reference import ESTEP_FLOOR
 
 __all__ = ["digamma", "lda_estep", "lda_loglik"]
 
-# Distinct words x topics of a call below which one thread does it all. A parallel region
+# (Document, word) pairs x topics of a call below which one thread does it all. A parallel region
 # costs tens of microseconds on idle cores but can cost milliseconds when the cores are shared
 # (a thread that is not scheduled holds up the others), more than such a call computes.
 PARALLEL_WORK = 1 << 18
