@@ -160,7 +160,11 @@ class HeldOutKeys(DataConfig):
 @DATASETS.register("bow")
 @dataclass(frozen=True)
 class BowData(HeldOutKeys):
-    """A bag-of-words corpus in an HDF5 file (written by `mpiopt data convert --text`)."""
+    """A bag-of-words corpus in an HDF5 file (written by `mpiopt data convert --text`).
+
+    The file's test group is the test set; a file without one has ``test_fraction`` of its
+    documents held out (chosen by ``split_seed``).
+    """
 
     SHORTHAND = "path"
 

@@ -187,7 +187,11 @@ class LdaProblem(Problem):
         self.n_total = int(shard.n_train_total)
         self.batch_size, self.max_iter, self.tol = batch_size, max_iter, tol
         self.test, self.eval_seed = shard.x_test, eval_seed
-        self._halves = None  # the evaluation's split of the test documents, made once
+        # The evaluation's split of the test documents' words, made once (where the test set is).
+        self._halves = None if self.test is None else split_halves(self.test, eval_seed)
+        if self._halves is not None and len(self._halves[0][0]) < 2:
+            raise ConfigError("no test document has two words to split into a fitted and a "
+                              "scored half", key="data.name")
         self._order, self._pos = None, 0
 
     def init(self, rng):
@@ -240,10 +244,8 @@ class LdaProblem(Problem):
 
     def evaluate(self, x) -> dict:
         """Return the completion ``perplexity`` of the test documents and its log (``loss``)."""
-        if self.test is None:
-            raise RuntimeError("evaluate() needs the test set: load the shard with_test=True")
         if self._halves is None:
-            self._halves = split_halves(self.test, self.eval_seed)
+            raise RuntimeError("evaluate() needs the test set: load the shard with_test=True")
         lam = np.maximum(x.reshape(self.n_topics, self.n_words), 0.0)
         ppl = halves_perplexity(topic_matrix(lam), *self._halves, self.alpha, self.max_iter,
                                 self.tol)

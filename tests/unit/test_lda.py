@@ -203,3 +203,11 @@ def test_a_problem_without_test_set_cannot_evaluate():
     assert isinstance(shard, Shard) and problem.dim == 300
     with pytest.raises(RuntimeError, match="needs the test set"):
         problem.evaluate(problem.init(np.random.default_rng(0)))
+
+
+def test_test_documents_too_short_to_split_are_a_config_error():
+    train = BowCorpus.from_dense(np.array([[1, 2], [2, 0]]))
+    test = BowCorpus.from_dense(np.array([[1, 0], [0, 1]]))  # one word each
+    shard = Shard(train, np.zeros(2, int), np.arange(2), 1, 2, test, np.zeros(2, int))
+    with pytest.raises(ConfigError, match=r"^data.name: no test document has two words"):
+        LdaProblem(shard, 2, 0.5, 0.5, 1)
