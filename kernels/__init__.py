@@ -13,6 +13,11 @@ imports numba. Algorithms that will run numba kernels load them before their clo
 ``backend="numpy" | "numba" | "cupy"`` forces one. Every kernel takes ``out=`` so that a hot
 loop allocates nothing.
 
+LDA's variational E-step (:func:`lda_estep`), the words' log-likelihood under given topics
+(:func:`lda_loglik`) and :func:`digamma` run on the host only (numpy and numba), and agree to
+rounding rather than bit for bit (see :mod:`.reference`); they dispatch to numba at any size,
+as their per-document loops are slow in numpy whatever the size.
+
 Importing this package imports neither numba nor CuPy and compiles nothing.
 
 Conventions: vectors are 1-D float32; ``sign(0) = +1`` (bit set for ``x >= 0``, ``-0.0``
@@ -51,11 +56,14 @@ __all__ = [
     "all_finite",
     "array_module",
     "derive_seed",
+    "digamma",
     "ef_sign_compress",
     "get_num_threads",
     "is_cupy",
     "lattice_decode",
     "lattice_encode",
+    "lda_estep",
+    "lda_loglik",
     "majority_vote",
     "nbytes_nibbles",
     "nbytes_signs",
@@ -282,6 +290,92 @@ def all_finite(x, *, backend=None) -> bool:
     if x.dtype.kind not in "fc":
         return True
     return _impl(x, x.size, backend, SMALL_STREAMING).all_finite(x)
+
+
+def _host_backend(arrays, backend):
+    """Return the module of a host-only kernel: numba by default, numpy if asked."""
+    if any(is_cupy(a) for a in arrays) or backend == "cupy":
+        raise TypeError("the LDA kernels run on host memory (numpy arrays) only")
+    return _impl(np.empty(0), 1, backend, small=0)
+
+
+def _csr(indptr, ids, counts, rows: int):
+    """Return the CSR arrays as int64, int64, float64, checking ids against ``rows``."""
+    indptr = np.ascontiguousarray(indptr, dtype=np.int64)
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    counts = np.ascontiguousarray(counts, dtype=np.float64)
+    if indptr.ndim != 1 or indptr.size < 1 or indptr[0] != 0 or indptr[-1] != ids.size \
+            or ids.size != counts.size or np.any(np.diff(indptr) < 0):
+        raise ValueError("indptr, ids, counts must be a CSR matrix: indptr non-decreasing "
+                         "from 0 to len(ids) == len(counts)")
+    if ids.size and (ids.min() < 0 or ids.max() >= rows):
+        raise ValueError(f"word ids must be in [0, {rows}), got [{ids.min()}, {ids.max()}]")
+    return indptr, ids, counts
+
+
+def _matrix(a, name: str, shape=None):
+    """Check that ``a`` is a C-contiguous float64 matrix (of ``shape``); return it."""
+    if a.dtype != np.float64 or a.ndim != 2 or not a.flags.c_contiguous or (
+            shape is not None and tuple(a.shape) != tuple(shape)):
+        want = f" of shape {tuple(shape)}" if shape is not None else ""
+        raise ValueError(f"{name} must be a C-contiguous float64 matrix{want}, got "
+                         f"{a.dtype} {tuple(a.shape)}")
+    return a
+
+
+def lda_estep(indptr, ids, counts, exp_elog_beta, alpha: float, gamma, max_iter: int,
+              tol: float, sstats=None, *, backend=None) -> int:
+    """Fit the variational Dirichlet ``gamma`` of every document, with the topics fixed.
+
+    Hoffman et al.'s E-step for LDA, per document ``d`` (row ``d`` of the CSR matrix
+    ``indptr``, ``ids``, ``counts``): with ``t = exp(E[log theta_d])`` under
+    Dirichlet(``gamma[d]``) and ``b_n = exp_elog_beta[ids[n]]``, repeat
+    ``gamma[d] <- alpha + t * sum_n counts[n] b_n / (t . b_n)`` until the mean absolute
+    change is below ``tol``, at most ``max_iter`` times.
+
+    Args:
+        indptr, ids, counts: the documents; ``ids`` index rows of ``exp_elog_beta``.
+        exp_elog_beta: ``exp(E[log beta])``, float64 ``(words, topics)``, word-major; any
+            fixed topics (e.g. normalised topic-word probabilities) work the same way.
+        alpha: the symmetric Dirichlet prior of the documents' topic mixtures.
+        gamma: float64 ``(documents, topics)``: the starting values, overwritten.
+        max_iter, tol: the stopping rule of each document.
+        sstats: None, or a float64 ``(words, topics)`` array set to
+            ``sum_d sum_n counts[n] t_d / (t_d . b_n)`` in the rows of the words (multiply by
+            ``exp_elog_beta`` for the expected topic-word counts).
+
+    Returns:
+        The number of updates of ``gamma`` made, over all documents.
+    """
+    impl = _host_backend((gamma, exp_elog_beta), backend)
+    eb = _matrix(exp_elog_beta, "exp_elog_beta")
+    indptr, ids, counts = _csr(indptr, ids, counts, eb.shape[0])
+    _matrix(gamma, "gamma", (indptr.size - 1, eb.shape[1]))
+    if sstats is not None:
+        _matrix(sstats, "sstats", eb.shape)
+    if not alpha > 0 or max_iter < 1 or tol < 0:
+        raise ValueError(f"need alpha > 0, max_iter >= 1, tol >= 0; got {alpha}, {max_iter}, "
+                         f"{tol}")
+    return impl.lda_estep(indptr, ids, counts, eb, float(alpha), gamma, int(max_iter),
+                          float(tol), sstats)
+
+
+def lda_loglik(indptr, ids, counts, theta, beta, *, backend=None) -> float:
+    """Return ``sum_d sum_n counts[n] log(theta[d] . beta[ids[n]])``.
+
+    ``theta`` is float64 ``(documents, topics)`` (topic mixtures), ``beta`` float64
+    ``(words, topics)`` (topic-word probabilities, word-major).
+    """
+    impl = _host_backend((theta, beta), backend)
+    beta = _matrix(beta, "beta")
+    indptr, ids, counts = _csr(indptr, ids, counts, beta.shape[0])
+    _matrix(theta, "theta", (indptr.size - 1, beta.shape[1]))
+    return impl.lda_loglik(indptr, ids, counts, theta, beta)
+
+
+def digamma(x, *, backend=None):
+    """Return the digamma function of the float64 array ``x`` (``x > 0``), to about 1e-12."""
+    return _host_backend((x,), backend).digamma(x)
 
 
 def thread_limit() -> int:

@@ -23,12 +23,13 @@ from ._cpu_base import (
     _span,
     _tree,
 )
+from ._cpu_lda import digamma, lda_estep, lda_loglik
 from ._cpu_quant import lattice_decode, lattice_encode, qsgd_dequantize, qsgd_quantize
 
 __all__ = [
-    "all_finite", "ef_sign_compress", "get_num_threads", "lattice_decode", "lattice_encode",
-    "majority_vote", "pack_signs", "parallel_copy", "qsgd_dequantize", "qsgd_quantize",
-    "set_num_threads", "unpack_signs",
+    "all_finite", "digamma", "ef_sign_compress", "get_num_threads", "lattice_decode",
+    "lattice_encode", "lda_estep", "lda_loglik", "majority_vote", "pack_signs",
+    "parallel_copy", "qsgd_dequantize", "qsgd_quantize", "set_num_threads", "unpack_signs",
 ]
 
 # ----------------------------------------------------------------------------------- signs

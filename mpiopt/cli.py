@@ -14,6 +14,8 @@ import traceback
 
 from mpiopt.errors import ConfigError
 
+FORMATS = ("mnist", "cifar10")  # mpiopt.data.convert.FORMATS, without importing h5py here
+
 
 def _launcher_rank() -> int:
     """Return this process's rank from the launcher's environment, without starting MPI."""
@@ -83,11 +85,26 @@ def cmd_data_describe(args) -> int:
 
 
 def cmd_data_convert(args) -> int:
-    from mpiopt.data.convert import convert
+    if args.text is not None:
+        if len(args.paths) != 1:
+            raise ConfigError("with --text give one more argument, the output file: mpiopt "
+                              "data convert --text FILE OUT", key="--text")
+        from mpiopt.data.text import convert_text
 
-    counts = convert(args.format, args.src, args.out, overwrite=args.overwrite)
-    print(f"wrote {args.out}: " + ", ".join(f"{k}={v}" for k, v in counts.items()
-                                            if k not in ("out", "format")))
+        out = args.paths[0]
+        counts = convert_text(args.text, out, args.column, args.min_df, args.max_df,
+                              not args.keep_stop_words, args.test_fraction, args.seed,
+                              args.overwrite)
+    else:
+        if len(args.paths) != 3:
+            raise ConfigError(f"expected FORMAT SRC OUT (FORMAT: {', '.join(FORMATS)}) or "
+                              f"--text FILE OUT, got {len(args.paths)} argument(s)")
+        from mpiopt.data.convert import convert
+
+        fmt, src, out = args.paths
+        counts = convert(fmt, src, out, overwrite=args.overwrite)
+    print(f"wrote {out}: " + ", ".join(f"{k}={v}" for k, v in counts.items()
+                                       if k not in ("out", "format")))
     return 0
 
 
@@ -116,6 +133,10 @@ def cmd_bench(args) -> int:
         from mpiopt.bench import ps
 
         ps.run(args.size, args.repeats, args.json, args.steps)
+    elif args.what == "lda":
+        from mpiopt.bench import lda
+
+        lda.run(args.data, args.topics, args.batch, args.threads, args.repeats, args.json)
     elif args.what == "startup":
         from mpiopt.bench import startup
 
@@ -159,17 +180,36 @@ def _data_parser(sub) -> None:
     d.add_argument("--ranks", type=int, help="world size (default: the MPI job's)")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     d.set_defaults(func=cmd_data_describe)
-    c = dsub.add_parser("convert", help="MNIST/Fashion-MNIST IDX or CIFAR-10 binary to HDF5")
-    c.add_argument("format", choices=("mnist", "cifar10"))
-    c.add_argument("src", help="directory with the original files")
-    c.add_argument("out", help="HDF5 file to write")
-    c.add_argument("--overwrite", action="store_true")
+    c = dsub.add_parser(
+        "convert", help="MNIST/Fashion-MNIST IDX or CIFAR-10 binary to HDF5; text to a "
+        "bag-of-words HDF5 file (data.name: bow)",
+        usage="mpiopt data convert {mnist,cifar10} SRC OUT [--overwrite]\n"
+              "       mpiopt data convert --text FILE OUT [--column NAMES] [--min-df N] "
+              "[--max-df F] [--test-fraction F] [--seed S] [--keep-stop-words] [--overwrite]")
+    c.add_argument("paths", nargs="+", metavar="ARG",
+                   help="FORMAT SRC OUT: FORMAT mnist or cifar10, SRC the directory with the "
+                        "original files, OUT the HDF5 file to write; with --text only OUT")
+    c.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    t = c.add_argument_group("text (--text)")
+    t.add_argument("--text", metavar="FILE", help="UTF-8 text: one document per line, or CSV "
+                   "with --column")
+    t.add_argument("--column", metavar="NAMES", help="CSV column(s) holding the text, e.g. "
+                   "text or title,text (joined); the file's first row names the columns")
+    t.add_argument("--min-df", type=int, default=5, help="keep words in at least this many "
+                   "training documents (default 5)")
+    t.add_argument("--max-df", type=float, default=0.5, help="keep words in at most this "
+                   "share of the training documents (default 0.5)")
+    t.add_argument("--test-fraction", type=float, default=0.1, help="share of the documents "
+                   "held out as the test set (default 0.1)")
+    t.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
+    t.add_argument("--keep-stop-words", action="store_true",
+                   help="keep the English stop words (left out by default)")
     c.set_defaults(func=cmd_data_convert)
 
 
 def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks against references measured in the same run")
-    p.add_argument("what", choices=("comm", "train", "kernels", "startup", "ps"),
+    p.add_argument("what", choices=("comm", "train", "kernels", "startup", "ps", "lda"),
                    help="startup: run as a plain process (it launches mpiexec itself)")
     p.add_argument("--max-mb", type=float, default=64.0, help="comm: largest buffer (MB)")
     p.add_argument("--repeats", type=int, default=None, help="timed repetitions")
@@ -182,7 +222,10 @@ def _bench_parser(sub) -> None:
                         "step; swarm: reads of idle and busy partners)")
     p.add_argument("--size", type=int, default=64 * 2**20,
                    help="kernels: elements; comm --algorithm, ps: the largest vector")
-    p.add_argument("--threads", type=int, default=None, help="kernels: numba threads")
+    p.add_argument("--threads", type=int, default=None, help="kernels, lda: numba threads")
+    p.add_argument("--data", default="news", help="lda: the bag-of-words data set")
+    p.add_argument("--topics", type=int, default=20, help="lda: topics K")
+    p.add_argument("--batch", type=int, default=256, help="lda: documents per minibatch")
     p.add_argument("--ranks", type=int, default=None,
                    help="startup: ranks of every case (default: 4 for the quickstart, 5 for "
                         "signum)")

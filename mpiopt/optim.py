@@ -15,26 +15,35 @@ from typing import Any, NamedTuple
 
 from mpiopt.backend import array_module
 
-SCHEDULES = ("constant", "step", "cosine")
+SCHEDULES = ("constant", "step", "cosine", "inverse_power")
 
 
 def make_schedule(kind: str, lr: float, total_steps: int, warmup_steps: int = 0,
                   decay_every: int = 0, gamma: float = 0.1,
-                  min_lr: float = 0.0) -> Callable[[int], float]:
+                  min_lr: float = 0.0, tau0: float = 1.0,
+                  kappa: float = 0.7) -> Callable[[int], float]:
     """Return ``step -> learning rate``: a base schedule after a linear warm-up.
 
     Args:
-        kind: ``constant``, ``step`` (multiply by ``gamma`` every ``decay_every`` steps) or
-            ``cosine`` (from ``lr`` down to ``min_lr`` at ``total_steps``).
+        kind: ``constant``, ``step`` (multiply by ``gamma`` every ``decay_every`` steps),
+            ``cosine`` (from ``lr`` down to ``min_lr`` at ``total_steps``) or
+            ``inverse_power`` (``lr * (tau0 + step) ** -kappa``, the step size of stochastic
+            variational inference: with ``kappa`` in (0.5, 1] the steps satisfy the
+            Robbins-Monro conditions; ``step`` counts from 0).
         lr: the base learning rate.
         total_steps: the length of the run (for ``cosine``).
         warmup_steps: steps of linear warm-up from ``lr / warmup_steps`` to ``lr``.
         decay_every: the period of ``step`` decay.
         gamma: the factor of ``step`` decay.
         min_lr: the floor of ``cosine``.
+        tau0: the delay of ``inverse_power`` (> 0; at least 1 keeps every step at most ``lr``).
+        kappa: the forgetting rate of ``inverse_power``.
     """
     if kind not in SCHEDULES:
         raise ValueError(f"unknown schedule {kind!r}; valid: {', '.join(SCHEDULES)}")
+    if kind == "inverse_power" and not (tau0 > 0 and 0.5 < kappa <= 1):
+        raise ValueError(f"inverse_power needs tau0 > 0 and kappa in (0.5, 1], got "
+                         f"tau0={tau0}, kappa={kappa}")
 
     def base(step: int) -> float:
         if kind == "step" and decay_every > 0:
@@ -42,6 +51,8 @@ def make_schedule(kind: str, lr: float, total_steps: int, warmup_steps: int = 0,
         if kind == "cosine":
             t = min(max(step - warmup_steps, 0) / max(total_steps - warmup_steps, 1), 1.0)
             return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * t))
+        if kind == "inverse_power":
+            return lr * (tau0 + step) ** -kappa
         return lr
 
     def schedule(step: int) -> float:

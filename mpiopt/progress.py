@@ -1,4 +1,4 @@
-"""Progress lines on rank 0: step, loss, accuracy, steps/s, MB sent, ETA."""
+"""Progress lines on rank 0: step, loss, accuracy or perplexity, steps/s, MB sent, ETA."""
 
 from __future__ import annotations
 
@@ -21,10 +21,12 @@ class Progress:
         self.start = time.perf_counter()
         self.last = self.start
         self.accuracy: float | None = None
+        self.perplexity: float | None = None  # topic models are scored by it, not accuracy
 
     def note_eval(self, metrics: dict) -> None:
         """Remember the latest evaluation for the next line."""
         self.accuracy = metrics.get("accuracy", self.accuracy)
+        self.perplexity = metrics.get("perplexity", self.perplexity)
 
     def update(self, step: int, loss: float, bytes_sent: int) -> None:
         """Print a line if the interval has passed since the last one."""
@@ -38,6 +40,8 @@ class Progress:
         rate = done / max(now - self.start, 1e-9)
         eta = (self.total - done) / rate if rate > 0 else float("inf")
         acc = "" if self.accuracy is None else f" | acc {self.accuracy:.4f}"
+        if self.perplexity is not None:
+            acc += f" | ppl {self.perplexity:.1f}"
         self.stream.write(
             f"step {done}/{self.total} ({100 * done / self.total:.0f}%) | loss {loss:.4f}{acc}"
             f" | {rate:.1f} steps/s | {bytes_sent / 1e6:.1f} MB sent | ETA {eta:.0f}s\n")

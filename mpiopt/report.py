@@ -6,7 +6,8 @@ several and writes ``loss.png``, ``accuracy.png`` (test metrics against steps, w
 sent per rank, the mean over ranks), ``training_loss.png`` (the smoothed minibatch loss, mean
 over ranks), for runs of a parameter server ``staleness.png`` (a histogram per run of the
 staleness of every applied gradient, ``series/<r>/staleness``) and ``workers.png`` (bars per
-run of the gradients applied from each worker), and ``report.md`` (one table row per run, with
+run of the gradients applied from each worker), for runs of a topic model ``perplexity.png``
+(test perplexity, like the loss), and ``report.md`` (one table row per run, with
 the MB each rank sent: min, mean and max over ranks, and the two stability measures of
 :mod:`mpiopt.io.stability`). Bytes come from every rank's ``ranks/<r>/bytes_sent``, never rank
 0's alone.
@@ -445,8 +446,13 @@ def _mb_spread(run: Run) -> str:
     return " / ".join(format(value, ".4g") for value in (sent.min(), sent.mean(), sent.max()))
 
 
-def _row(run: Run, target: float | None) -> list[str]:
-    """Return the table cells of one run."""
+def has_perplexity(run: Run) -> bool:
+    """Return whether a run was scored by perplexity (a topic model's evaluations)."""
+    return "perplexity" in run.eval or _is_number(run.summary["final"].get("perplexity"))
+
+
+def _row(run: Run, target: float | None, perplexity: bool = False) -> list[str]:
+    """Return the table cells of one run (with its final perplexity if ``perplexity``)."""
     s, final = run.summary, run.summary["final"]
     per_step = s.get("bytes_sent_per_rank_per_step")
     cells = [
@@ -456,6 +462,8 @@ def _row(run: Run, target: float | None) -> list[str]:
         _num(per_step / MB if _is_number(per_step) else None, ".4g"), _mb_spread(run),
         _num(s.get("compute_s"), ".2f"), _num(s.get("comm_s"), ".2f"),
     ]
+    if perplexity:
+        cells.insert(7, _num(final.get("perplexity"), ".1f"))
     measures = run_stability(run)
     cells += [_num(measures.get("mean_abs_change"), ".4f"), _num(measures.get("tail_std"), ".4f")]
     if target is not None:
@@ -469,10 +477,13 @@ def format_table(runs: list[Run], target: float | None = None) -> str:
               "final test loss", "wall time (s)", "MB sent / rank / step",
               "MB sent / rank (min / mean / max)", "compute (s)", "comm (s)",
               "stability: mean abs change", "stability: tail std"]
+    perplexity = any(has_perplexity(run) for run in runs)
+    if perplexity:
+        header.insert(7, "final test perplexity")
     if target is not None:
         header += [f"time to accuracy {target:g} (s)", f"step at accuracy {target:g}"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_row(run, target)) + " |" for run in runs]
+    lines += ["| " + " | ".join(_row(run, target, perplexity)) + " |" for run in runs]
     return "\n".join(lines) + "\n"
 
 
@@ -748,6 +759,7 @@ def make_report(run_dirs: list[str], out_dir: str, target: float | None = None) 
 
     Returns:
         The paths written: ``loss.png``, ``accuracy.png``, ``training_loss.png``, then
+        ``perplexity.png`` when some run was scored by perplexity (a topic model),
         ``staleness.png`` and ``workers.png`` when some run recorded staleness and gradients
         per worker (a parameter server), and ``report.md``.
 
@@ -774,7 +786,10 @@ def make_report(run_dirs: list[str], out_dir: str, target: float | None = None) 
         _save(training_loss_figure(runs), os.path.join(out_dir, "training_loss.png")),
     ]
     extra = []
-    for title, name, fig in (("staleness", "staleness.png", staleness_figure(runs)),
+    perplexity = (metric_figure(runs, "perplexity") if any(map(has_perplexity, runs))
+                  else None)
+    for title, name, fig in (("test perplexity", "perplexity.png", perplexity),
+                             ("staleness", "staleness.png", staleness_figure(runs)),
                              ("gradients per worker", "workers.png", workers_figure(runs))):
         if fig is not None:
             written.append(_save(fig, os.path.join(out_dir, name)))

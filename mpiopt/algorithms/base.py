@@ -42,6 +42,13 @@ class AlgorithmConfig(Section):
                              "steps (0: never).", low=0)
     gamma: float = param(0.1, "Decay factor of the step schedule.", low=0, high=1,
                          low_open=True)
+    tau0: float = param(1.0, "schedule: inverse_power, lr * (tau0 + t)^-kappa at step t "
+                        "(from 0): the delay that damps the first steps (>= 1 keeps every "
+                        "step at most lr; scikit-learn's learning_offset L is tau0 = L + 1).",
+                        low=0, low_open=True)
+    kappa: float = param(0.7, "schedule: inverse_power, the forgetting rate; in (0.5, 1] "
+                         "the steps sum to infinity and their squares do not, as stochastic "
+                         "variational inference needs.", low=0.5, high=1, low_open=True)
 
     def build(self, ctx: Context) -> Algorithm:
         """Return the runtime object of this algorithm for one rank."""
@@ -54,7 +61,7 @@ class AlgorithmConfig(Section):
     def make_schedule(self, total_steps: int):
         """Return ``step -> lr`` for this configuration."""
         return make_schedule(self.schedule, self.lr, total_steps, self.warmup_steps,
-                             self.decay_every, self.gamma)
+                             self.decay_every, self.gamma, tau0=self.tau0, kappa=self.kappa)
 
 
 @dataclass(frozen=True)

@@ -6,5 +6,7 @@ when the configuration names it.
 
 from mpiopt.config import Registry
 
-DATASETS = Registry("data", __name__, {"digits": "datasets", "fashion_mnist": "fashion",
-                                      "hdf5": "hdf5", "synthetic": "datasets"})
+DATASETS = Registry("data", __name__, {"bow": "bow", "digits": "datasets",
+                                      "fashion_mnist": "fashion", "hdf5": "hdf5",
+                                      "news": "corpora", "reuters": "corpora",
+                                      "synthetic": "datasets", "synthetic_lda": "corpora"})

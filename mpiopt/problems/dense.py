@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mpiopt.config import param
+from mpiopt.errors import ConfigError
 from mpiopt.problems import PROBLEMS
 from mpiopt.problems.base import Problem, ProblemConfig
 
@@ -28,6 +29,9 @@ class DenseNet(Problem):
     """
 
     def __init__(self, shard, hidden=(), batch_size: int = 32, xp=np, dtype=np.float32):
+        if hasattr(shard.x_train, "indptr"):
+            raise ConfigError("is a bag-of-words corpus: documents, not feature vectors; "
+                              "topic models take it (problem.name: lda)", key="data.name")
         self.xp, self.dtype = xp, np.dtype(dtype)
         self.sizes = [shard.n_features, *hidden, shard.n_classes]
         self.n_classes = shard.n_classes

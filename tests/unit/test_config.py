@@ -53,7 +53,7 @@ def test_coerce_rejects_with_key(value, tp):
     ("data", "partition", "zipf", "data.partition: 'zipf' is not one of: iid, dirichlet, "
      "shards"),
     ("algorithm", "schedule", "exp", "algorithm.schedule: 'exp' is not one of: constant, "
-     "step, cosine"),
+     "step, cosine, inverse_power"),
     ("algorithm", "lr", float("nan"), "algorithm.lr: must be finite, got nan"),
     ("run", "cuda_aware", "maybe", "run.cuda_aware: 'maybe' is not one of: auto, true, false"),
 ])
@@ -67,10 +67,10 @@ def test_unknown_names_list_the_valid_ones():
     msg = error_of(config_from_dict, {**BASE, "algorithm": {"name": "adam"}})
     assert msg == "algorithm.name: unknown algorithm 'adam'; valid: " + ", ".join(
         ALGORITHMS.names())
-    assert "valid: mlp, softmax" in error_of(config_from_dict, {**BASE, "problem": {
+    assert "valid: lda, mlp, softmax" in error_of(config_from_dict, {**BASE, "problem": {
         "name": "cnn"}})
-    assert "valid: digits, fashion_mnist, hdf5, synthetic" in error_of(config_from_dict, {
-        **BASE, "data": {"name": "imagenet"}})
+    assert ("valid: bow, digits, fashion_mnist, hdf5, news, reuters, synthetic, synthetic_lda"
+            in error_of(config_from_dict, {**BASE, "data": {"name": "imagenet"}}))
     assert error_of(config_from_dict, {"problem": {"name": "mlp"}}).startswith(
         "data.name: missing; valid:")
 

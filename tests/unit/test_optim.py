@@ -22,6 +22,15 @@ def test_schedules():
         make_schedule("exp", 1.0, 10)
 
 
+def test_inverse_power_schedule_is_svi_step_size():
+    rho = make_schedule("inverse_power", 1.0, 100, tau0=10.0, kappa=0.7)
+    assert rho(0) == pytest.approx(10 ** -0.7) and rho(90) == pytest.approx(100 ** -0.7)
+    assert make_schedule("inverse_power", 0.5, 0, tau0=1.0, kappa=1.0)(3) == 0.5 / 4
+    for tau0, kappa in ((10.0, 0.5), (10.0, 1.01), (0.0, 0.7)):
+        with pytest.raises(ValueError, match="tau0 > 0 and kappa in"):
+            make_schedule("inverse_power", 1.0, 10, tau0=tau0, kappa=kappa)
+
+
 def reference(x, grads, lr, mu, nesterov, wd):
     m = np.zeros_like(x)
     for g in grads:

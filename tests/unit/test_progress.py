@@ -27,3 +27,13 @@ def test_disabled_prints_nothing():
     p = Progress(10, every_s=1e-9, enabled=False, stream=out)
     p.update(5, 1.0, 0)
     assert out.getvalue() == ""
+
+
+def test_perplexity_is_shown_without_accuracy(monkeypatch):
+    clock = iter([0.0, 2.5])
+    monkeypatch.setattr("mpiopt.progress.time.perf_counter", lambda: next(clock))
+    out = io.StringIO()
+    p = Progress(100, every_s=2.0, stream=out)
+    p.note_eval({"loss": 7.0, "perplexity": 1096.63})  # a topic model: no accuracy
+    p.update(24, 7.5, 0)
+    assert out.getvalue().startswith("step 25/100 (25%) | loss 7.5000 | ppl 1096.6 |")

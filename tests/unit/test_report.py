@@ -629,3 +629,21 @@ def test_corrupt_series_is_config_error(tmp_path):
     write_run(path, config_with(), evals=EVALS_A, series={"server": {"staleness": [1]}})
     with pytest.raises(ConfigError, match="corrupt metrics.h5 \\(group series/server\\)"):
         load_run(path)
+
+
+def test_report_of_topic_model_runs_without_accuracy(tmp_path):
+    """LDA runs report perplexity, no accuracy: the table and plots take them as they are."""
+    cfg = config_with(problem__name="lda", data__name="reuters")
+    evals = {"step": [10, 20, 30], "time": [1.0, 2.0, 3.0], "bytes_sent": [0.0, 0.0, 0.0],
+             "loss": [7.6, 7.4, 7.3], "perplexity": [2000.0, 1636.0, 1480.3]}
+    path = str(tmp_path / "lda")
+    write_run(path, cfg, world_size=1, steps=30, evals=evals,
+              final={"loss": 7.3, "perplexity": 1480.3})
+    written = make_report([path], str(tmp_path / "out"))
+    assert [os.path.basename(p) for p in written] == [
+        "loss.png", "accuracy.png", "training_loss.png", "perplexity.png", "report.md"]
+    assert is_png(written[3])
+    row = next(iter(table_rows((tmp_path / "out" / "report.md").read_text()).values()))
+    assert row["final test perplexity"] == "1480.3"
+    assert row["final test accuracy"] == "n/a"
+    assert row["stability: tail std"] == "n/a"  # the stability measures are of accuracy
