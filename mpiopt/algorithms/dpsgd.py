@@ -140,6 +140,11 @@ class DPSGD(ParameterServer):
         self.x = self.v  # the gradient is computed at the shared copy, and applied to it
         self.mark = self.marks.local
         self.pushes, self.overlap = 0, 0
+        # clock: global spans the schedule over every core's steps of the run
+        run, cfg = ctx.cfg.run, self.cfg
+        cores = len(ranks_of(ctx.roles)) * (cfg.cores if cfg.cores_mode == "threads" else 1)
+        total = run.total_steps if run.total_steps is not None else run.steps * cores
+        self.schedule = cfg.make_schedule(total)
         if self.leader:
             self.base = self.x.copy()  # the model as last pulled
             self.pulled = np.empty(d, np.float32)
@@ -159,6 +164,7 @@ class DPSGD(ParameterServer):
     def step(self, step: int, lr: float) -> float:
         if self.ctx.role == SERVER:
             return self._server_step(step, lr)
+        lr = self.rate(step)
         loss, overlapped = self._core_step(self.ctx.problem, self.ctx.rng, self.g, self.state,
                                            lr)
         self.overlap += overlapped
@@ -174,6 +180,13 @@ class DPSGD(ParameterServer):
             if (step + 1) % self.cfg.local_steps == 0:
                 self._exchange()
         return loss
+
+    def rate(self, own: int) -> float:
+        """The learning rate of a core's step: by its own step count ``own``, or (``clock:
+        global``) by the run's, estimated as the node's steps so far times the nodes."""
+        if self.cfg.clock == "core":
+            return self.ctx.schedule(own)
+        return self.schedule(self._node_steps(live=True) * len(self.leaders))
 
     def _core_step(self, problem, rng, g, state, lr: float) -> tuple[float, bool]:
         """One core's lock-free step on the shared copy; return its loss and whether its write
@@ -209,9 +222,15 @@ class DPSGD(ParameterServer):
         self.base[...] = self.pulled
         self.pushes += 1
 
-    def _node_steps(self) -> int:
+    def _node_steps(self, live: bool = False) -> int:
+        """The steps the node's cores have stored; ``live``: this rank's threads' own counts
+        too (the counters hold them only as of this rank's last step)."""
         self.marks.sync()
-        return int(sum(self.marks.view(r)[_STEPS] for r in range(self.node.size)))
+        steps = int(sum(self.marks.view(r)[_STEPS] for r in range(self.node.size)))
+        if live and self.threads:
+            steps += self.ctx.steps_done + sum(th.steps for th in self.threads) \
+                - int(self.mark[_STEPS])
+        return steps
 
     def _node_done(self) -> bool:
         self.marks.sync()
@@ -307,11 +326,11 @@ class _Core(threading.Thread):
         self.error: BaseException | None = None
 
     def run(self) -> None:
-        alg, schedule = self.alg, self.alg.ctx.schedule
+        alg = self.alg
         try:
             while not self.halt.is_set() and (self.budget is None or self.steps < self.budget):
                 _, overlapped = alg._core_step(self.problem, self.rng, self.g, self.state,
-                                               schedule(self.steps))
+                                               alg.rate(self.steps))
                 self.overlap += overlapped
                 self.steps += 1  # after the write, as the rank's own count
         except BaseException as e:  # raised again in the rank's main thread
@@ -345,6 +364,10 @@ class DPSGDConfig(ServerKeys):
                             "threads over the node's copy).", choices=CORES_MODES)
     cores: int = param(1, "Cores per rank with cores_mode: threads (the rank's own thread "
                        "included).", low=1)
+    clock: str = param("global", "The step count of a core's learning rate: global (the "
+                       "run's steps so far, estimated as the node's times the nodes; the "
+                       "schedule spans every core's steps, as a serial run of as many would) "
+                       "or core (its own steps).", choices=("global", "core"))
 
     def build(self, ctx) -> DPSGD:
         return DPSGD(self, ctx)
