@@ -156,7 +156,8 @@ def _time_to_target(ctx: Context, target) -> dict | None:
         return None
     for row in ctx.evals.rows:
         if row.get("accuracy", -1.0) >= target:
-            return {"accuracy": target, "step": int(row["step"]), "time_s": row["time"]}
+            return {"accuracy": target, "step": int(row["step"]), "time_s": row["time"],
+                    "train_time_s": row["train_time"]}
     return None
 
 

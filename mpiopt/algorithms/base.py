@@ -160,6 +160,7 @@ class Context:
         self.progress = progress
         self.start = time.perf_counter()
         self.steps_done = 0
+        self.eval_s = 0.0  # seconds in evaluations (see evaluated)
         self.final: dict = {}
         self.strict_loss = True  # a non-finite loss ends the run (policies may relax this)
         self.reporter = reporter_rank(self.roles, cfg.algorithm.REPORTER)
@@ -248,9 +249,22 @@ class Context:
         every = self.eval_every
         return every > 0 and (step + 1) % every == 0 and step + 1 < self.steps
 
+    def evaluated(self, evaluate, step: int) -> dict:
+        """Return ``evaluate(step)``, counting its seconds as evaluation, not training."""
+        t0 = time.perf_counter()
+        try:
+            return evaluate(step)
+        finally:
+            self.eval_s += time.perf_counter() - t0
+
     def record_eval(self, step: int, metrics: dict) -> None:
-        """Store an evaluation row (rank 0) and show it in the progress line."""
-        row = {"step": step + 1, "time": self.elapsed(),
+        """Store an evaluation row (rank 0) and show it in the progress line.
+
+        ``time`` is the run's clock; ``train_time`` leaves out the seconds this rank spent in
+        the evaluations so far (:meth:`evaluated`).
+        """
+        now = self.elapsed()
+        row = {"step": step + 1, "time": now, "train_time": now - self.eval_s,
                "bytes_sent": float(self.transport.bytes_sent()), **metrics}
         self.evals.append(row)
         self.progress.note_eval(metrics)
@@ -364,9 +378,9 @@ class SynchronousAlgorithm(ModelAlgorithm):
             loss = self.step(step, lr)
             ctx.end_step(step, loss, lr)
             if ctx.eval_due(step):
-                ctx.record_eval(step, self.evaluate(step))
+                ctx.record_eval(step, ctx.evaluated(self.evaluate, step))
         self.finish()
-        ctx.final = self.evaluate(ctx.steps_done - 1)
+        ctx.final = ctx.evaluated(self.evaluate, ctx.steps_done - 1)
         if ctx.rank == 0:
             ctx.record_eval(ctx.steps_done - 1, ctx.final)
 
@@ -441,12 +455,12 @@ class AsynchronousAlgorithm(ModelAlgorithm):
             ctx.end_step(step, loss, lr)
             stop.beat(step + 1)
             if ctx.rank == 0 and ctx.eval_due(step):
-                ctx.record_eval(step, self.evaluate_running(step))
+                ctx.record_eval(step, ctx.evaluated(self.evaluate_running, step))
             step += 1
         self.settle()
         stop.wait(self.serve)
         stop.free()
         self.finish()
-        ctx.final = self.evaluate(ctx.steps_done - 1)
+        ctx.final = ctx.evaluated(self.evaluate, ctx.steps_done - 1)
         if ctx.rank == 0:
             ctx.record_eval(ctx.steps_done - 1, ctx.final)
