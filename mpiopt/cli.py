@@ -133,6 +133,10 @@ def cmd_bench(args) -> int:
         from mpiopt.bench import ps
 
         ps.run(args.size, args.repeats, args.json, args.steps)
+    elif args.what == "lda" and args.peers:
+        from mpiopt.bench import lda_peers
+
+        lda_peers.run(args.data, args.topics, args.passes, args.seed, args.json)
     elif args.what == "lda":
         from mpiopt.bench import lda
 
@@ -226,6 +230,11 @@ def _bench_parser(sub) -> None:
     p.add_argument("--data", default="news", help="lda: the bag-of-words data set")
     p.add_argument("--topics", type=int, default=20, help="lda: topics K")
     p.add_argument("--batch", type=int, default=256, help="lda: documents per minibatch")
+    p.add_argument("--peers", action="store_true",
+                   help="lda: DPSVI against scikit-learn's and gensim's online LDA, "
+                        "perplexity against time (a plain process: it launches mpiexec)")
+    p.add_argument("--passes", type=int, default=5, help="lda --peers: passes over the corpus")
+    p.add_argument("--seed", type=int, default=0, help="lda --peers: the seed of every model")
     p.add_argument("--ranks", type=int, default=None,
                    help="startup: ranks of every case (default: 4 for the quickstart, 5 for "
                         "signum)")

@@ -354,6 +354,8 @@ class _Core(threading.Thread):
 class DPSGDConfig(ServerKeys):
     """DPSGD: lock-free cores per node, an asynchronous parameter server across nodes."""
 
+    REPORTER = WORKER  # progress counts a core's steps (the first node's leader)
+
     local_steps: int = param(1, "B: a node leader pushes its node's change (and pulls the "
                              "model) every this many of its own steps.", low=1)
     node_size: int | None = param(None, "Workers per node, consecutive ranks after the servers "
