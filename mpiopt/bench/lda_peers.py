@@ -109,8 +109,9 @@ def _mpiopt(ranks: int, node_size: int, passes: int, n_train: int, seed: int,
     out = os.path.join(tmp, f"r{ranks}-n{node_size}")
     here = os.path.join(os.path.dirname(sys.executable), "mpiexec")
     cmd = [here if os.path.exists(here) else "mpiexec", "-n", str(ranks), sys.executable,
-           "-m", "mpiopt", "run", CONFIG, "--out", out, "--quiet", "--seed", str(seed), "--set", f"run.steps={steps}",
-           "--set", f"algorithm.node_size={node_size}", "--set", "run.eval_every=4"]
+           "-m", "mpiopt", "run", CONFIG, "--out", out, "--quiet", "--seed", str(seed),
+           "--set", f"run.steps={steps}", "--set", f"algorithm.node_size={node_size}",
+           "--set", "run.eval_every=4"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if res.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-2000:]}")
