@@ -16,7 +16,8 @@ spends about the same time per slot. ``algorithm.wait: true`` is the waiting com
 worker steps in every slot (local SGD, or hierarchical local SGD with ``q > 1``), so a round
 waits for the slowest worker's ``tau`` steps.
 
-Sub-network averaging is one weighted allreduce on the sub-network's communicator; the hub
+Sub-network averaging is one weighted allreduce on the sub-network's communicator (measured
+faster than a reduce to the hub and a broadcast: docs/benchmarks.md); the hub
 round is a neighbour exchange between hubs on the hubs' communicator (each hub sends its
 ``y_d`` to and receives ``y_j`` from each hub-graph neighbour) and a broadcast from the hub.
 
