@@ -7,4 +7,5 @@ when the configuration names it.
 from mpiopt.config import Registry
 
 DATASETS = Registry("data", __name__, {"digits": "datasets", "fashion_mnist": "fashion",
-                                      "hdf5": "hdf5", "synthetic": "datasets"})
+                                      "hdf5": "hdf5", "none": "datasets",
+                                      "synthetic": "datasets"})

@@ -6,4 +6,4 @@ the configuration names it.
 
 from mpiopt.config import Registry
 
-PROBLEMS = Registry("problem", __name__, {"mlp": "dense", "softmax": "dense"})
+PROBLEMS = Registry("problem", __name__, {"a2c": "a2c", "mlp": "dense", "softmax": "dense"})
