@@ -27,3 +27,11 @@ def test_disabled_prints_nothing():
     p = Progress(10, every_s=1e-9, enabled=False, stream=out)
     p.update(5, 1.0, 0)
     assert out.getvalue() == ""
+
+
+def test_lines_show_the_problems_own_metric():
+    out = io.StringIO()
+    p = Progress(10, every_s=1e-9, stream=out, metric="return")
+    p.note_eval({"return": 487.5, "loss": -487.5})
+    p.update(4, 0.25, 0)
+    assert "| loss 0.2500 | return 487.5000 |" in out.getvalue()
