@@ -67,9 +67,9 @@ def test_unknown_names_list_the_valid_ones():
     msg = error_of(config_from_dict, {**BASE, "algorithm": {"name": "adam"}})
     assert msg == "algorithm.name: unknown algorithm 'adam'; valid: " + ", ".join(
         ALGORITHMS.names())
-    assert "valid: mlp, softmax" in error_of(config_from_dict, {**BASE, "problem": {
+    assert "valid: a2c, mlp, softmax" in error_of(config_from_dict, {**BASE, "problem": {
         "name": "cnn"}})
-    assert "valid: digits, fashion_mnist, hdf5, synthetic" in error_of(config_from_dict, {
+    assert "valid: digits, fashion_mnist, hdf5, none, synthetic" in error_of(config_from_dict, {
         **BASE, "data": {"name": "imagenet"}})
     assert error_of(config_from_dict, {"problem": {"name": "mlp"}}).startswith(
         "data.name: missing; valid:")
