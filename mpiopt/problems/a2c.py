@@ -232,7 +232,7 @@ class ActorCritic(Problem):
                 cut = truncated & ~terminated  # not a failure: bootstrap from where it stopped
                 if cut.any():
                     self._rewards[t, cut] += cfg.gamma * self.values(x, obs[cut])
-                obs = self._finish_episodes(rng, reward, ended)
+                obs = self._finish_episodes(rng, reward, ended, (t + 1) * cfg.n_envs)
             else:
                 self.ep_return += reward
                 self.ep_length += 1
@@ -242,11 +242,14 @@ class ActorCritic(Problem):
         n = cfg.n_steps * cfg.n_envs
         return self._obs.reshape(n, OBS_DIM), self._actions.reshape(n), returns.reshape(n)
 
-    def _finish_episodes(self, rng, reward, ended):
-        """Log the episodes that ended; restart those copies; return the observations."""
+    def _finish_episodes(self, rng, reward, ended, played: int):
+        """Log the episodes that ended; restart those copies; return the observations.
+
+        ``played``: the environment steps of this rollout so far (not yet in the count).
+        """
         self.ep_return += reward
         self.ep_length += 1
-        now, steps = time.perf_counter(), self.log.env_steps()
+        now, steps = time.perf_counter(), self.log.env_steps() + played
         for i in np.flatnonzero(ended):
             self.log.rows.append((now, float(self.ep_return[i]), int(self.ep_length[i]), steps))
         self.ep_return[ended] = 0.0

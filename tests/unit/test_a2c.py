@@ -88,7 +88,7 @@ def test_truncated_episodes_bootstrap_from_where_they_stopped():
     assert p._ends.tolist() == [[False] * 3, [True] * 3, [False] * 3]
     np.testing.assert_allclose(p._rewards[1], 1 + 0.9 * p.values(x, stopped))
     np.testing.assert_array_equal(p._rewards[[0, 2]], 1.0)
-    assert [row[2] for row in p.log.rows] == [2, 2, 2]  # the episodes, logged
+    assert [row[2:] for row in p.log.rows] == [(2, 6)] * 3  # length; steps of the 3 copies
 
 
 @pytest.mark.parametrize("keys", [{}, {"shared": True, "activation": "relu"},
