@@ -221,9 +221,8 @@ class ActorCritic(Problem):
         for t in range(cfg.n_steps):
             self._obs[t] = obs
             z = self.logits(x, obs)
-            p = np.exp(z - z.max(axis=1, keepdims=True))
-            p /= p.sum(axis=1, keepdims=True)
-            action = (rng.random((cfg.n_envs, 1)) > np.cumsum(p[:, :-1], axis=1)).sum(axis=1)
+            z += rng.gumbel(size=z.shape)  # argmax(z + Gumbel noise) samples softmax(z)
+            action = z.argmax(axis=1)
             obs, reward, terminated, truncated = self.envs.step(action)
             self._actions[t], self._rewards[t] = action, reward
             ended = terminated | truncated

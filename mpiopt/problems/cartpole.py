@@ -46,6 +46,10 @@ class CartPoles:
         self.state = np.zeros((4, n))
         self.t = np.zeros(n, dtype=np.int64)
         self._force = np.array([-FORCE, FORCE])
+        self._rate = np.empty((4, n))
+        self._limits = np.array([[X_LIMIT], [THETA_LIMIT]])
+        self._reward = np.ones(n)
+        self._reward.flags.writeable = False
 
     def reset(self, rng, which=None) -> np.ndarray:
         """Draw start states uniform in [-0.05, 0.05] for the copies ``which`` (all if None)."""
@@ -68,21 +72,22 @@ class CartPoles:
         The arithmetic is gymnasium's, operation for operation, so a copy follows the same
         trajectory as gymnasium's environment from the same state.
         """
-        x, x_dot, theta, theta_dot = self.state
-        force = self._force[action]
+        state, rate = self.state, self._rate
+        theta, theta_dot = state[2], state[3]
         costheta, sintheta = np.cos(theta), np.sin(theta)
-        temp = (force + POLEMASS_LENGTH * np.square(theta_dot) * sintheta) / TOTAL_MASS
+        temp = (self._force[action] + POLEMASS_LENGTH * np.square(theta_dot) * sintheta) / (
+            TOTAL_MASS)
         thetaacc = (GRAVITY * sintheta - costheta * temp) / (
             LENGTH * (4.0 / 3.0 - MASSPOLE * np.square(costheta) / TOTAL_MASS))
-        xacc = temp - POLEMASS_LENGTH * thetaacc * costheta / TOTAL_MASS
-        self.state = np.stack((x + TAU * x_dot, x_dot + TAU * xacc, theta + TAU * theta_dot,
-                               theta_dot + TAU * thetaacc))
-        x, theta = self.state[0], self.state[2]
-        terminated = (x < -X_LIMIT) | (x > X_LIMIT) | (theta < -THETA_LIMIT) | (
-            theta > THETA_LIMIT)
+        rate[0::2] = state[1::2]  # d(x, theta)/dt: the velocities
+        rate[1] = temp - POLEMASS_LENGTH * thetaacc * costheta / TOTAL_MASS
+        rate[3] = thetaacc
+        rate *= TAU
+        state += rate  # Euler, every variable from the old state
+        # |x| > 2.4 or |theta| > 12 degrees (as x < -2.4 or x > 2.4 ...: no NaN arises)
+        terminated = (np.abs(state[0::2]) > self._limits).any(axis=0)
         self.t += 1
-        truncated = self.t >= self.max_steps
-        return self.observe(), np.ones(self.n), terminated, truncated
+        return self.observe(), self._reward, terminated, self.t >= self.max_steps
 
 
 class GymCartPoles:

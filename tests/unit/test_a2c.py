@@ -35,6 +35,7 @@ def test_numpy_cartpole_steps_as_gymnasium_does():
         for i, env in enumerate(envs):
             o, r, term, trunc, _ = env.step(int(action[i]))
             np.testing.assert_array_equal(o, obs[i])
+            np.testing.assert_array_equal(env.unwrapped.state, ours.state[:, i])  # float64
             assert (r, term, trunc) == (reward[i], terminated[i], truncated[i])
         done = terminated | truncated
         ended += int(done.sum())
