@@ -45,9 +45,11 @@ setup(
         "lda": ["lda>=3.0", "gensim>=4.3", "scikit-learn>=1.3"],
         # cuda-bindings + the NVRTC wheel compile the CUDA kernels on the host in the tests
         # (no driver, no GPU); 12.x to match cupy-cuda12x, >=12.9.1 finds the wheel's libnvrtc.
-        # lda: the Reuters corpus of the LDA tests (a small wheel).
+        # lda: the Reuters corpus of the LDA tests (a small wheel); gymnasium (pure Python)
+        # lets the tests check the numpy CartPole against its own.
         "dev": ["pytest>=7.4", "pytest-timeout>=2.2", "ruff>=0.4", "import-linter>=2.1",
-                "cuda-bindings>=12.9.1,<13", "nvidia-cuda-nvrtc-cu12>=12.6", "lda>=3.0"],
+                "cuda-bindings>=12.9.1,<13", "nvidia-cuda-nvrtc-cu12>=12.6", "lda>=3.0",
+                "gymnasium>=0.29"],
     },
     entry_points={"console_scripts": ["mpiopt=mpiopt.cli:main"]},
 )

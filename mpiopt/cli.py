@@ -70,6 +70,9 @@ def cmd_data_describe(args) -> int:
     from mpiopt.schema import load_config
 
     cfg = load_config(args.config, args.set)
+    if not cfg.problem.NEEDS_DATA:
+        raise ConfigError(f"problem {cfg.problem.NAME!r} makes its own samples: there is no "
+                          "data set to describe", key="data.name")
     ranks = args.ranks
     if ranks is None:
         from mpiopt.comm.transport import world_size

@@ -7,7 +7,9 @@ sent per rank, the mean over ranks), ``training_loss.png`` (the smoothed minibat
 over ranks), for runs of a parameter server ``staleness.png`` (a histogram per run of the
 staleness of every applied gradient, ``series/<r>/staleness``) and ``workers.png`` (bars per
 run of the gradients applied from each worker), for runs of a topic model ``perplexity.png``
-(test perplexity, like the loss), and ``report.md`` (one table row per run, with
+(test perplexity, like the loss), for reinforcement-learning runs ``returns.png`` (the
+training return against environment steps and wall time, with the greedy evaluations), and
+``report.md`` (one table row per run, with
 the MB each rank sent: min, mean and max over ranks, and the two stability measures of
 :mod:`mpiopt.io.stability`). Bytes come from every rank's ``ranks/<r>/bytes_sent``, never rank
 0's alone.
@@ -44,6 +46,8 @@ LABEL_IGNORED = frozenset({
 })
 PANELS = (("step", "step"), ("time", "wall time (s)"),
           ("bytes_sent", "MB sent per rank (mean over ranks)"))
+# Final metrics of problems without an accuracy, given a table column when some run has them.
+FINAL_EXTRA = ("return",)
 LABEL_MAX = 60  # characters of a plot label: at least two such fit side by side in 15 inches
 VALUE_MAX = 16  # characters of one value inside a plot label
 
@@ -451,8 +455,10 @@ def has_perplexity(run: Run) -> bool:
     return "perplexity" in run.eval or _is_number(run.summary["final"].get("perplexity"))
 
 
-def _row(run: Run, target: float | None, perplexity: bool = False) -> list[str]:
-    """Return the table cells of one run (with its final perplexity if ``perplexity``)."""
+def _row(run: Run, target: float | None, perplexity: bool = False,
+         extra: tuple[str, ...] = ()) -> list[str]:
+    """Return the table cells of one run (with its final perplexity if ``perplexity``;
+    ``extra``: further final metrics, at the end)."""
     s, final = run.summary, run.summary["final"]
     per_step = s.get("bytes_sent_per_rank_per_step")
     cells = [
@@ -468,7 +474,7 @@ def _row(run: Run, target: float | None, perplexity: bool = False) -> list[str]:
     cells += [_num(measures.get("mean_abs_change"), ".4f"), _num(measures.get("tail_std"), ".4f")]
     if target is not None:
         cells.extend(time_to_target(run, target))
-    return cells
+    return cells + [_num(final.get(name), ".4g") for name in extra]
 
 
 def format_table(runs: list[Run], target: float | None = None) -> str:
@@ -482,8 +488,10 @@ def format_table(runs: list[Run], target: float | None = None) -> str:
         header.insert(7, "final test perplexity")
     if target is not None:
         header += [f"time to accuracy {target:g} (s)", f"step at accuracy {target:g}"]
+    extra = tuple(m for m in FINAL_EXTRA if any(m in run.summary["final"] for run in runs))
+    header += [f"final {name}" for name in extra]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_row(run, target, perplexity)) + " |" for run in runs]
+    lines += ["| " + " | ".join(_row(run, target, perplexity, extra)) + " |" for run in runs]
     return "\n".join(lines) + "\n"
 
 
@@ -721,6 +729,65 @@ def workers_figure(runs: list[Run]) -> Any | None:
     return fig
 
 
+RETURN_WINDOW = 100  # training episodes per point of the return curve (as the summary's)
+
+
+def episode_curve(run: Run) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Return the training return curve of a reinforcement-learning run (None: not one).
+
+    The episodes of all ranks (``series/<r>/episode_*``) in the order they ended: the run
+    time at which each ended, the environment steps of all ranks by then (each rank's own
+    count, interpolated between its episodes' ends and from 0 at the start), and the mean
+    return of the last ``RETURN_WINDOW`` episodes ended by then (of all, for the first ones).
+    """
+    parts = [cols for cols in run.series.values()
+             if all(f"episode_{k}" in cols for k in ("time", "return", "env_steps"))]
+    if not parts:
+        return None
+    time = np.concatenate([np.asarray(c["episode_time"], np.float64) for c in parts])
+    ret = np.concatenate([np.asarray(c["episode_return"], np.float64) for c in parts])
+    order = np.argsort(time, kind="stable")
+    time, ret = time[order], ret[order]
+    steps = sum(np.interp(time, np.concatenate(([0.0], c["episode_time"])),
+                          np.concatenate(([0.0], c["episode_env_steps"]))) for c in parts)
+    cumsum = np.concatenate(([0.0], np.cumsum(ret)))
+    i = np.arange(1, len(ret) + 1)
+    first = np.maximum(i - RETURN_WINDOW, 0)
+    return time, steps, (cumsum[i] - cumsum[first]) / (i - first)
+
+
+def returns_figure(runs: list[Run]) -> Any | None:
+    """Return the figure of the training return against environment steps and wall time.
+
+    Only runs that recorded episodes get a curve (None if none did); the wall-time panel
+    also marks the greedy evaluations (``eval/return``).
+    """
+    curves = [(i, run, episode_curve(run)) for i, run in enumerate(runs)]
+    curves = [(i, run, curve) for i, run, curve in curves if curve is not None]
+    if not curves:
+        return None
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 5), layout="constrained")
+    by_steps, by_time = fig.subplots(1, 2, squeeze=True)
+    for i, run, (time, steps, mean) in curves:
+        colour = _colour(i, len(runs))
+        by_steps.plot(steps, mean, color=colour, label=run.label)
+        by_time.plot(time, mean, color=colour)
+        greedy = run.eval.get("return")
+        if greedy is not None and len(greedy) and "time" in run.eval:
+            by_time.plot(run.eval["time"], greedy, color=colour, linestyle="--", marker="o",
+                         markersize=3)
+    by_steps.set_xlabel("environment steps (all ranks)")
+    by_time.set_xlabel("wall time (s)")
+    for ax in (by_steps, by_time):
+        ax.set_ylabel(f"return (mean of the last {RETURN_WINDOW} training episodes)")
+        ax.grid(alpha=0.3)
+    fig.suptitle("return (dashed with markers: greedy evaluations)")
+    _legend(fig, by_steps, False)
+    return fig
+
+
 def _save(fig: Any, path: str) -> str:
     """Write ``fig`` as a PNG at 100 dpi; return ``path``."""
     fig.savefig(path, dpi=100)
@@ -761,7 +828,8 @@ def make_report(run_dirs: list[str], out_dir: str, target: float | None = None) 
         The paths written: ``loss.png``, ``accuracy.png``, ``training_loss.png``, then
         ``perplexity.png`` when some run was scored by perplexity (a topic model),
         ``staleness.png`` and ``workers.png`` when some run recorded staleness and gradients
-        per worker (a parameter server), and ``report.md``.
+        per worker (a parameter server), ``returns.png`` when some run recorded training
+        episodes (reinforcement learning), and ``report.md``.
 
     Raises:
         ConfigError: No run given, a run directory is missing or unreadable, ``target`` is out
@@ -790,7 +858,8 @@ def make_report(run_dirs: list[str], out_dir: str, target: float | None = None) 
                   else None)
     for title, name, fig in (("test perplexity", "perplexity.png", perplexity),
                              ("staleness", "staleness.png", staleness_figure(runs)),
-                             ("gradients per worker", "workers.png", workers_figure(runs))):
+                             ("gradients per worker", "workers.png", workers_figure(runs)),
+                             ("return", "returns.png", returns_figure(runs))):
         if fig is not None:
             written.append(_save(fig, os.path.join(out_dir, name)))
             extra.append((title, name))

@@ -81,8 +81,9 @@ def prepare(transport: Transport, config_path: str, overrides: list[str]):
             raise ConfigError(f"{cfg.algorithm.NAME} is synchronous: every rank takes run.steps "
                               "steps; a total budget is for asynchronous algorithms",
                               key="run.total_steps")
-        if cfg.algorithm.HOST_ONLY and cfg.run.device == "gpu":
-            raise ConfigError(f"{cfg.algorithm.NAME} runs on host memory; valid: cpu, auto",
+        host_only = next((s.NAME for s in (cfg.algorithm, cfg.problem) if s.HOST_ONLY), None)
+        if host_only and cfg.run.device == "gpu":
+            raise ConfigError(f"{host_only} runs on host memory; valid: cpu, auto",
                               key="run.device")
         return cfg, (_run_dir(cfg) if transport.rank == 0 else None)
 
@@ -91,14 +92,20 @@ def prepare(transport: Transport, config_path: str, overrides: list[str]):
 
 
 def _device(cfg: Config) -> str:
-    """Return where this run's arrays live: ``run.device``, or cpu for host-only algorithms."""
-    return "cpu" if cfg.algorithm.HOST_ONLY else cfg.run.device
+    """Return where this run's arrays live: ``run.device``, or cpu for host-only algorithms
+    and problems."""
+    return "cpu" if cfg.algorithm.HOST_ONLY or cfg.problem.HOST_ONLY else cfg.run.device
 
 
 def build_problem(transport: Transport, cfg: Config):
-    """Load this rank's shard and build the problem (every rank; errors agreed)."""
+    """Load this rank's shard and build the problem (every rank; errors agreed).
+
+    A problem that makes its own samples (``NEEDS_DATA`` False) is built without a shard.
+    """
     def build():
         xp = backend.select(_device(cfg))
+        if not cfg.problem.NEEDS_DATA:
+            return xp, None, cfg.problem.build(None, 0, xp)  # no shard, no minibatches
         # Workers share the training set; a server or hub builds its problem on the first
         # worker's shard (for the shapes: it computes no gradients).
         workers = workers_of(cfg, transport.size)
@@ -204,6 +211,15 @@ def _summary(ctx: Context, cfg: Config, totals: list[dict], wall: float) -> dict
     }
 
 
+def _series(algo, ctx: Context) -> dict:
+    """Return this rank's series for metrics.h5: the algorithm's and the problem's."""
+    series, own = algo.series(), ctx.problem.series(ctx.start)
+    clash = sorted(set(series) & set(own))
+    if clash:
+        raise RuntimeError(f"algorithm and problem both record the series {clash}")
+    return {**series, **own}
+
+
 def _save_model(path: str, x, cfg: Config) -> None:
     with h5py.File(path + ".tmp", "w") as f:
         f.create_dataset("x", data=backend.to_host(x))
@@ -216,11 +232,11 @@ def finish(ctx: Context, cfg: Config, algo, out: str) -> dict | None:
     """Close the logs, merge metrics, save the model and write summary.json (rank 0)."""
     wall = ctx.elapsed()
     rows = ctx.steplog
-    rows.write_series(algo.series())
+    rows.write_series(_series(algo, ctx))
     rows.close()
     mine = {"steps": ctx.steps_done, "sent": ctx.transport.bytes_sent(),
             "recv": ctx.transport.bytes_recv(), "compute": rows.compute_s, "comm": rows.comm_s,
-            "rss": _peak_rss_mb(),
+            "rss": _peak_rss_mb(), "problem": ctx.problem.info(ctx.start),
             "channels": {c.name.lower(): (s.sent, s.recv)
                          for c, s in ctx.transport.stats.items() if s.sent or s.recv}}
     totals = ctx.transport.allgather_obj(mine)
@@ -232,6 +248,7 @@ def finish(ctx: Context, cfg: Config, algo, out: str) -> dict | None:
     _save_model(os.path.join(out, "model.h5"), algo.model(), cfg)
     summary = _summary(ctx, cfg, totals, wall)
     summary["algorithm_info"] = algo.summary_info()
+    summary["problem_info"] = ctx.problem.summary_info([t["problem"] for t in totals], wall)
     with open(os.path.join(out, "summary.json.tmp"), "w") as fh:
         json.dump(summary, fh, indent=2, default=float)
     os.replace(os.path.join(out, "summary.json.tmp"), os.path.join(out, "summary.json"))
@@ -240,9 +257,10 @@ def finish(ctx: Context, cfg: Config, algo, out: str) -> dict | None:
 
 def describe_start(cfg: Config, n: int, out: str, dim: int) -> str:
     """Return the one line printed when a run starts."""
+    data = (f"data {cfg.data.NAME} ({cfg.data.partition})" if cfg.problem.NEEDS_DATA
+            else "no data")
     return (f"mpiopt {__version__}: {cfg.algorithm.NAME} on {n} rank(s), problem "
-            f"{cfg.problem.NAME} (d={dim}), data {cfg.data.NAME} ({cfg.data.partition}), "
-            f"{cfg.run.steps} steps -> {out}")
+            f"{cfg.problem.NAME} (d={dim}), {data}, {cfg.run.steps} steps -> {out}")
 
 
 def describe_end(summary: dict) -> str:
@@ -280,7 +298,7 @@ def run(config_path: str, sets=None, steps=None, seed=None, out=None, overwrite=
     _create_dir(transport, cfg, out_dir)
     steplog = StepLog(rank_log_path(out_dir, transport.rank), cfg.run.metrics_chunk)
     progress = Progress(cfg.run.expected_steps(transport.size), cfg.run.progress_every_s,
-                        enabled=loud)
+                        enabled=loud, metric=cfg.problem.HEADLINE)
     ctx = Context(cfg, transport, problem, xp, out_dir, steplog, faults, progress)
     algo = cfg.algorithm.build(ctx)
     algo.run()

@@ -30,6 +30,7 @@ from mpiopt.errors import ConfigError
 from mpiopt.problems import PROBLEMS
 
 REGISTRIES = {"problem": PROBLEMS, "data": DATASETS, "algorithm": ALGORITHMS}
+NO_DATA = "none"  # the data set of problems that make their own samples
 
 
 def resolve_name(registry: Registry, raw: dict, section: str) -> type:
@@ -68,11 +69,30 @@ def config_from_dict(data: dict, overrides: list[str] = ()) -> Config:
     warnings: list[str] = []
     built = {}
     for section, registry in REGISTRIES.items():
-        body = raw.get(section, {})
+        body = raw.setdefault(section, {})
+        if section == "data" and not built["problem"].NEEDS_DATA:
+            body.setdefault("name", NO_DATA)
         cls = resolve_name(registry, body, section)
         built[section] = build_section(cls, body, section, section in renamed, warnings)
+    check_data(built["problem"], built["data"])
     built["run"] = build_section(RunConfig, raw.get("run", {}), "run")
     return Config(**built, warnings=tuple(warnings))
+
+
+def check_data(problem, data) -> None:
+    """Raise a ConfigError unless the data set fits the problem.
+
+    A problem that makes its own samples (``NEEDS_DATA`` False: reinforcement learning)
+    takes the data set ``none``, which a configuration may leave out; every other problem
+    learns from a real one.
+    """
+    if problem.NEEDS_DATA and data.NAME == NO_DATA:
+        valid = [n for n in DATASETS.names() if n != NO_DATA]
+        raise ConfigError(f"problem {problem.NAME!r} learns from a data set; valid: "
+                          f"{', '.join(valid)}", key="data.name")
+    if not problem.NEEDS_DATA and data.NAME != NO_DATA:
+        raise ConfigError(f"problem {problem.NAME!r} makes its own samples and takes no data "
+                          f"set; valid: {NO_DATA} (or no data section)", key="data.name")
 
 
 def load_config(path: str, overrides: list[str] = ()) -> Config:

@@ -8,5 +8,6 @@ from mpiopt.config import Registry
 
 DATASETS = Registry("data", __name__, {"bow": "bow", "digits": "datasets",
                                       "fashion_mnist": "fashion", "hdf5": "hdf5",
-                                      "news": "corpora", "reuters": "corpora",
-                                      "synthetic": "datasets", "synthetic_lda": "corpora"})
+                                      "news": "corpora", "none": "datasets",
+                                      "reuters": "corpora", "synthetic": "datasets",
+                                      "synthetic_lda": "corpora"})

@@ -1,4 +1,5 @@
-"""Built-in datasets that need no files: ``synthetic`` (generated) and ``digits`` (bundled)."""
+"""Built-in datasets that need no files: ``synthetic`` (generated), ``digits`` (bundled) and
+``none`` (no data, for problems that make their own samples)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mpiopt.config import param
+from mpiopt.config import Section, param
 from mpiopt.data import DATASETS
 from mpiopt.data.base import ArraySource, DataConfig, DataSource
 from mpiopt.data.partition import data_rng, split_holdout
@@ -21,6 +22,23 @@ _MEANS, _TRAIN_LABELS, _TEST_LABELS, _TRAIN_NOISE, _TEST_NOISE = 10, 11, 12, 13,
 # Rows per independently seeded block of noise: a rank draws only the blocks holding its own
 # samples, so memory per rank follows its shard rather than the whole training set.
 _BLOCK = 1 << 14
+
+
+@DATASETS.register("none")
+@dataclass(frozen=True)
+class NoData(Section):
+    """No data set: for problems that make their own samples (reinforcement learning).
+
+    The section a problem that needs no data gets when the configuration leaves ``data`` out
+    (``ProblemConfig.NEEDS_DATA``); nothing is read or partitioned, and ``load`` is None.
+    """
+
+    def check_world(self, world_size: int) -> None:
+        """Fit any number of ranks: there is nothing to partition."""
+
+    def load(self, rank: int, world_size: int, seed: int, with_test: bool) -> None:
+        """Return no shard."""
+        return None
 
 
 @DATASETS.register("synthetic")

@@ -6,4 +6,5 @@ the configuration names it.
 
 from mpiopt.config import Registry
 
-PROBLEMS = Registry("problem", __name__, {"lda": "lda", "mlp": "dense", "softmax": "dense"})
+PROBLEMS = Registry("problem", __name__, {"a2c": "a2c", "lda": "lda", "mlp": "dense",
+                                         "softmax": "dense"})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from mpiopt.config import Section
 
@@ -10,6 +11,10 @@ from mpiopt.config import Section
 @dataclass(frozen=True)
 class ProblemConfig(Section):
     """Keys common to every problem."""
+
+    NEEDS_DATA: ClassVar[bool] = True  # False: makes its own samples (data section: none)
+    HOST_ONLY: ClassVar[bool] = False  # True: numpy only (run.device auto means cpu)
+    HEADLINE: ClassVar[str] = "accuracy"  # the evaluation metric progress lines show
 
     def build(self, shard, batch_size: int, xp):
         """Return the :class:`Problem` on this rank's ``shard`` with array module ``xp``."""
@@ -20,7 +25,9 @@ class Problem:
     """An objective on a flat float32 vector of length ``dim``.
 
     ``gradient`` draws a minibatch from the rank's own shard and writes the stochastic
-    direction into ``out``; ``evaluate`` scores a vector on the held-out test set.
+    direction into ``out``; ``evaluate`` scores a vector on the held-out test set. A problem
+    that records events of its own (the episodes of a reinforcement-learning problem) reports
+    them at the end of the run through :meth:`series`, :meth:`info` and :meth:`summary_info`.
     """
 
     dim: int
@@ -57,3 +64,22 @@ class Problem:
         runner calls this before its clock starts. The minibatch stream must not move: the
         run draws exactly the batches it would have drawn without it. Does nothing here.
         """
+
+    def series(self, origin: float) -> dict:
+        """Return this rank's own series for ``metrics.h5``: ``name -> (1-D array, doc)``.
+
+        Written to ``series/<rank>/`` beside the algorithm's. Times are on the run's clock:
+        ``origin`` is the ``time.perf_counter()`` at which it started. None here.
+        """
+        return {}
+
+    def info(self, origin: float) -> dict:
+        """Return small, picklable facts of this rank, gathered for :meth:`summary_info`."""
+        return {}
+
+    def summary_info(self, infos: list[dict], wall_time_s: float) -> dict:
+        """Return the problem's facts for ``summary.json`` (``problem_info``), on rank 0.
+
+        ``infos`` are every rank's :meth:`info`, in rank order; ``wall_time_s`` the run's.
+        """
+        return {}

@@ -257,6 +257,9 @@ class LdaProblem(Problem):
 class LdaConfig(ProblemConfig):
     """Latent Dirichlet allocation by stochastic variational inference (topics: K x V)."""
 
+    HOST_ONLY = True  # numpy and numba kernels only
+    HEADLINE = "perplexity"
+
     n_topics: int = param(10, "Number of topics K (the parameters are K x vocabulary size).",
                           low=1)
     alpha: float | None = param(None, "Dirichlet prior of each document's topic mixture; "

@@ -37,10 +37,12 @@ INVALID = [
      "algorithm.name: unknown algorithm 'adam'; valid: ad_psgd, allreduce, asgd, d_psgd, "
      "dcasgd, dpsgd, ef_signsgd, gsgm, local_sgd, mll_sgd, signsgd, signum, swarm"),
     ("unknown problem", lambda t: QUICK, ["--set", "problem.name=cnn"],
-     "problem.name: unknown problem 'cnn'; valid: lda, mlp, softmax"),
+     "problem.name: unknown problem 'cnn'; valid: a2c, lda, mlp, softmax"),
     ("unknown dataset", lambda t: QUICK, ["--set", "data.name=mnist"],
-     "data.name: unknown data 'mnist'; valid: bow, digits, fashion_mnist, hdf5, news, "
+     "data.name: unknown data 'mnist'; valid: bow, digits, fashion_mnist, hdf5, news, none, "
      "reuters, synthetic, synthetic_lda"),
+    ("host-only problem", lambda t: str(CONFIGS / "a2c-cartpole.yaml"),
+     ["--set", "run.device=gpu"], "run.device: a2c runs on host memory; valid: cpu, auto"),
     ("wrong type", lambda t: QUICK, ["--set", "data.batch_size=big"],
      "data.batch_size: expected integer, got 'big'"),
     ("negative lr", lambda t: QUICK, ["--set", "algorithm.lr=-0.1"],

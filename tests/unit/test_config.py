@@ -67,10 +67,10 @@ def test_unknown_names_list_the_valid_ones():
     msg = error_of(config_from_dict, {**BASE, "algorithm": {"name": "adam"}})
     assert msg == "algorithm.name: unknown algorithm 'adam'; valid: " + ", ".join(
         ALGORITHMS.names())
-    assert "valid: lda, mlp, softmax" in error_of(config_from_dict, {**BASE, "problem": {
+    assert "valid: a2c, lda, mlp, softmax" in error_of(config_from_dict, {**BASE, "problem": {
         "name": "cnn"}})
-    assert ("valid: bow, digits, fashion_mnist, hdf5, news, reuters, synthetic, synthetic_lda"
-            in error_of(config_from_dict, {**BASE, "data": {"name": "imagenet"}}))
+    assert ("valid: bow, digits, fashion_mnist, hdf5, news, none, reuters, synthetic, "
+            "synthetic_lda" in error_of(config_from_dict, {**BASE, "data": {"name": "imagenet"}}))
     assert error_of(config_from_dict, {"problem": {"name": "mlp"}}).startswith(
         "data.name: missing; valid:")
 

@@ -33,7 +33,15 @@ def test_perplexity_is_shown_without_accuracy(monkeypatch):
     clock = iter([0.0, 2.5])
     monkeypatch.setattr("mpiopt.progress.time.perf_counter", lambda: next(clock))
     out = io.StringIO()
-    p = Progress(100, every_s=2.0, stream=out)
+    p = Progress(100, every_s=2.0, stream=out, metric="perplexity")
     p.note_eval({"loss": 7.0, "perplexity": 1096.63})  # a topic model: no accuracy
     p.update(24, 7.5, 0)
     assert out.getvalue().startswith("step 25/100 (25%) | loss 7.5000 | ppl 1096.6 |")
+
+
+def test_lines_show_the_problems_own_metric():
+    out = io.StringIO()
+    p = Progress(10, every_s=1e-9, stream=out, metric="return")
+    p.note_eval({"return": 487.5, "loss": -487.5})
+    p.update(4, 0.25, 0)
+    assert "| loss 0.2500 | return 487.5000 |" in out.getvalue()
