@@ -187,7 +187,8 @@ def test_the_data_set_is_none_and_may_be_left_out():
         config_from_dict({"problem": {"name": "a2c"}, "data": {"name": "digits"},
                           "algorithm": {"name": "allreduce"}})
     with pytest.raises(ConfigError, match="data.name: problem 'mlp' learns from a data set; "
-                       "valid: digits, fashion_mnist, hdf5, synthetic"):
+                       "valid: bow, digits, fashion_mnist, hdf5, news, reuters, synthetic, "
+                       "synthetic_lda"):
         config_from_dict({"problem": {"name": "mlp"}, "data": {"name": "none"},
                           "algorithm": {"name": "allreduce"}})
     with pytest.raises(ConfigError, match="problem.env: 'atari' is not one of: cartpole, "
