@@ -77,6 +77,36 @@ stepds() { # PIDs of slurmstepd processes with a file open under $DIR (ours, not
     done
 }
 
+# ---- shared memory that killed MPI steps left ------------------------------------------------
+
+fnv1a() { # REPLY=the 32-bit FNV-1a hash of $1, in hex, as MPICH names shared memory
+    local text=$1 hash=2166136261 i byte
+    for ((i = 0; i < ${#text}; i++)); do
+        printf -v byte '%d' "'${text:i:1}"
+        hash=$(( ((hash ^ byte) * 16777619) & 0xffffffff ))
+    done
+    printf -v REPLY '%x' "$hash"
+}
+
+remove_stale_shm() { # segments of our jobs' steps 0-7 that no process maps any more
+    # MPICH under PMI-2 names a step's segment mpich_shm_<FNV-1a of "job.step">_<node>; a
+    # killed step (scancel, a failing rank, a time limit) leaves it, 2-4 MB each.
+    [ -f "$DIR/log/jobcomp.txt" ] || return 0
+    local present job step name stale=()
+    present=" $(cd /dev/shm && echo mpich_shm_* mpich_vci_*) "
+    for job in $(sed -n 's/^JobId=\([0-9]*\) .*/\1/p' "$DIR/log/jobcomp.txt" | sort -u); do
+        for ((step = 0; step < 8; step++)); do
+            fnv1a "$job.$step"
+            for name in "mpich_shm_${REPLY}_0" "mpich_vci_${REPLY}_0"; do
+                [[ $present == *" $name "* ]] && stale+=("$name")
+            done
+        done
+    done
+    for name in "${stale[@]}"; do
+        grep -qs "/dev/shm/$name" /proc/[0-9]*/maps || rm -f "/dev/shm/$name"
+    done
+}
+
 # ---- configuration ----------------------------------------------------------------------------
 
 default_port() { # a port below the ephemeral range, stable for a directory
@@ -244,6 +274,7 @@ cmd_down() {
     stop slurmd slurmctld munged
     local pid
     for pid in $(stepds); do kill -KILL "$pid" 2>/dev/null || true; done
+    remove_stale_shm
     echo "local-cluster: down ($DIR$([ $was_up = yes ] || echo ', was not running'))"
 }
 
@@ -264,6 +295,7 @@ case ${1:-} in
     up) cmd_up ;;
     down) cmd_down ;;
     status) cmd_status ;;
-    *) echo "usage: $0 up|down|status   (directory: \$MPIOPT_SLURM_DIR, default /tmp/mpiopt-slurm)" >&2
+    *) echo "usage: $0 up|down|status (directory: \$MPIOPT_SLURM_DIR, default" \
+            "/tmp/mpiopt-slurm)" >&2
        exit 2 ;;
 esac
