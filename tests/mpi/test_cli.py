@@ -160,7 +160,12 @@ def test_jobs(tmp_path):
                         "--tasks-per-node", "8"], timeout=60)
     assert res.returncode == 0, res.stderr
     assert "#SBATCH --nodes=3" in res.stdout and "#SBATCH --ntasks-per-node=8" in res.stdout
+    assert res.stdout.count("#SBATCH --nodes=") == 1  # the template's own default replaced
     assert f'CONFIG={QUICK}' in res.stdout
+    res = launch(None, [*mpiopt_cmd(), "jobs", "slurm", QUICK, "--template", "sweep",
+                        "--algorithms", "signum,adam"], timeout=60)
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr.startswith("mpiopt: error: --algorithms: unknown algorithm 'adam'")
 
 
 @pytest.mark.mpi
