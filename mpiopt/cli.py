@@ -133,6 +133,10 @@ def cmd_jobs(args) -> int:
     if args.what == "list":
         print(jobs.list_jobs())
         return 0
+    if args.what == "hosts":
+        print(jobs.render_hosts(args.config, jobs.parse_list(args.hosts, "--hosts"),
+                                args.tasks_per_node, args.venv or jobs.active_venv()), end="")
+        return 0
     script = jobs.render_slurm(
         args.config, args.template, nodes=args.nodes, tasks_per_node=args.tasks_per_node,
         time=args.time, partition=args.partition, launcher=args.launcher,
@@ -198,7 +202,7 @@ def _bench_parser(sub) -> None:
 def _jobs_parser(sub) -> None:
     from mpiopt.jobs import LAUNCHERS, SLURM_TEMPLATES
 
-    p = sub.add_parser("jobs", help="example configs and Slurm job scripts")
+    p = sub.add_parser("jobs", help="example configs, Slurm job scripts, mpiexec scripts")
     jsub = p.add_subparsers(dest="what", required=True, parser_class=_Parser)
     jsub.add_parser("list", help="list configs and templates").set_defaults(func=cmd_jobs)
     s = jsub.add_parser("slurm", help="print a Slurm batch script for a config",
@@ -221,6 +225,14 @@ def _jobs_parser(sub) -> None:
                    help="preempt: USR1 this long before the time limit (#SBATCH --signal)")
     s.add_argument("--venv", help="environment the job activates (default: the active one)")
     s.set_defaults(func=cmd_jobs)
+    h = jsub.add_parser("hosts", help="print an mpiexec script for a list of hosts (no Slurm)",
+                        description="Print jobs/hosts/mpiexec.sh filled in for CONFIG: "
+                        "MPICH's mpiexec starts the ranks on the hosts over ssh.")
+    h.add_argument("config")
+    h.add_argument("--hosts", help="comma-separated host names (default: localhost)")
+    h.add_argument("--tasks-per-node", type=int, help="ranks on each host (default 4)")
+    h.add_argument("--venv", help="environment the ranks use (default: the active one)")
+    h.set_defaults(func=cmd_jobs)
 
 
 def build_parser() -> argparse.ArgumentParser:

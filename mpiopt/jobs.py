@@ -1,6 +1,7 @@
 """``mpiopt jobs``: the shipped configs and job scripts, filled in for one run.
 
-A template in ``jobs/slurm`` is a working batch script by itself (``sbatch TEMPLATE CONFIG``):
+A template in ``jobs/slurm`` is a working batch script by itself (``sbatch TEMPLATE CONFIG``),
+and so is ``jobs/hosts/mpiexec.sh`` (``bash mpiexec.sh CONFIG``) for a list of hosts:
 its ``#SBATCH`` lines are defaults, ``CONFIG`` is its first argument, and a few shell
 variables (``LAUNCHER``, ``MPIOPT_VENV``, the sweep's lists) have defaults. Rendering replaces
 those in place, so every option appears once and the script runs without arguments.
@@ -31,7 +32,7 @@ LAUNCHERS = ("srun", "mpiexec")
 def list_jobs() -> str:
     """Return the configs and templates shipped in ``jobs/``."""
     lines = []
-    for sub in ("configs", "slurm"):
+    for sub in ("configs", "slurm", "hosts"):
         for path in sorted((JOBS_DIR / sub).glob("*")):
             lines.append(f"{sub}/{path.name}")
     return "\n".join(lines) if lines else f"no jobs found in {JOBS_DIR}"
@@ -142,11 +143,36 @@ def render_slurm(config: str, template: str = "multinode", *, nodes: int | None 
         script = set_sbatch(script, "array", f"0-{len(algorithms) * len(seeds) - 1}")
     if launcher is not None:
         script = set_default(script, "LAUNCHER", launcher)
+    return _finish(script, config, venv, f"mpiopt jobs slurm --template {template}",
+                   "sbatch THIS_FILE")
+
+
+def render_hosts(config: str, hosts: tuple[str, ...] | None = None,
+                 tasks_per_node: int | None = None, venv: str | None = None) -> str:
+    """Return ``jobs/hosts/mpiexec.sh`` filled in: ``tasks_per_node`` ranks on each host."""
+    if tasks_per_node is not None and tasks_per_node < 1:
+        raise ConfigError(f"must be at least 1, got {tasks_per_node}", key="--tasks-per-node")
+    for host in hosts or ():
+        if not re.fullmatch(r"[\w.-]+", host):
+            raise ConfigError(f"{host!r} is not a host name", key="--hosts")
+    if not os.path.exists(config):
+        raise ConfigError(f"config file not found: {config}")
+    script = (JOBS_DIR / "hosts" / "mpiexec.sh").read_text()
+    if hosts:
+        script = set_array(script, "HOSTS", hosts)
+    if tasks_per_node is not None:
+        script = re.sub(r"^TASKS_PER_NODE=\d+$", f"TASKS_PER_NODE={tasks_per_node}", script,
+                        flags=re.M)
+    return _finish(script, config, venv, "mpiopt jobs hosts", "bash THIS_FILE")
+
+
+def _finish(script: str, config: str, venv: str | None, command: str, run: str) -> str:
+    """Fill in the config and the environment; say where the script came from."""
     if venv:
         script = set_default(script, "MPIOPT_VENV", venv)
     shebang, _, rest = set_config(script, config).partition("\n")
-    note = (f"# Filled in by `mpiopt jobs slurm --template {template}` for {config}:\n"
-            "#   sbatch THIS_FILE [mpiopt run options]\n")
+    note = (f"# Filled in by `{command}` for {os.path.abspath(config)}:\n"
+            f"#   {run} [mpiopt run options]\n")
     return f"{shebang}\n{note}{rest}"
 
 

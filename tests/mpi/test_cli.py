@@ -1,6 +1,7 @@
 """The command line: every invalid input exits 2 with one line, and the other subcommands."""
 
 import json
+import socket
 
 import pytest
 import yaml
@@ -166,6 +167,21 @@ def test_jobs(tmp_path):
                         "--algorithms", "signum,adam"], timeout=60)
     assert res.returncode == 2 and res.stdout == ""
     assert res.stderr.startswith("mpiopt: error: --algorithms: unknown algorithm 'adam'")
+
+
+@pytest.mark.mpi
+def test_hosts_script_runs_on_the_listed_hosts(tmp_path):
+    """Two names of this machine: hydra starts both hosts' ranks here, without ssh."""
+    cfg = cfg_with(tmp_path, run={"steps": 10, "eval_every": 5})
+    res = launch(None, [*mpiopt_cmd(), "jobs", "hosts", cfg, "--tasks-per-node", "2",
+                        "--hosts", f"localhost,{socket.gethostname()}"], timeout=60)
+    assert res.returncode == 0, res.stderr
+    script = write(tmp_path, "run.sh", res.stdout)
+    res = launch(None, ["bash", script, "--steps", "6"], timeout=120, cwd=tmp_path,
+                 env={"MPIOPT_OUT": "runs/hosts"})
+    assert res.returncode == 0, res.stderr
+    result = json.loads((tmp_path / "runs" / "hosts" / "summary.json").read_text())
+    assert result["world_size"] == 4 and result["steps"] == 6
 
 
 @pytest.mark.mpi

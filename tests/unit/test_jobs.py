@@ -85,3 +85,17 @@ def test_parse_list():
         jobs.parse_list("1,x", "--seeds", int)
     with pytest.raises(ConfigError, match="--algorithms: expected at least one value"):
         jobs.parse_list(",", "--algorithms")
+
+
+def test_hosts_script(tmp_path):
+    script = jobs.render_hosts(QUICK, ("node1", "node2.example.org"), 8, venv="/opt/venv")
+    assert "HOSTS=(node1 node2.example.org)\n" in script and "TASKS_PER_NODE=8\n" in script
+    assert f"CONFIG={QUICK}\n" in script and "MPIOPT_VENV=${MPIOPT_VENV:-/opt/venv}" in script
+    path = tmp_path / "run.sh"
+    path.write_text(script)
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    assert "HOSTS=(localhost)\n" in jobs.render_hosts(QUICK)
+    with pytest.raises(ConfigError, match="--hosts: 'a b' is not a host name"):
+        jobs.render_hosts(QUICK, ("a b",))
+    with pytest.raises(ConfigError, match="--tasks-per-node: must be at least 1"):
+        jobs.render_hosts(QUICK, tasks_per_node=0)
