@@ -72,7 +72,9 @@ JOBS = {
                 ["--export=ALL,MPIOPT_STOP_GRACE=1"]),
     "srun": (["--nodes", "1", "--tasks-per-node", "4"], []),
     "mpiexec": (["--nodes", "1", "--tasks-per-node", "3", "--launcher", "mpiexec"], []),
-    "single": (["--template", "single-node", "--tasks-per-node", "2"], []),
+    # --export=NONE: the job starts from a bare environment and activates the venv itself.
+    "single": (["--template", "single-node", "--tasks-per-node", "2"],
+               ["--export=NONE"] if sys.prefix != sys.base_prefix else []),
     "failing": (["--nodes", "1", "--tasks-per-node", "4"],
                 ["--export=ALL,MPIOPT_FAULT=raise:rank=2:step=5"]),
     "sweep": (["--template", "sweep", "--tasks-per-node", "2",
