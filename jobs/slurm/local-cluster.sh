@@ -15,10 +15,11 @@
 # segment named after its job ID that a later step with the same ID would open.
 #
 # Settings (environment): MPIOPT_SLURM_DIR; MPIOPT_SLURM_CPUS (CPUs the node advertises,
-# default 8 per core: tests oversubscribe); MPIOPT_SLURM_GPUS (count-only GPUs the node
-# advertises so that GPU scripts pass `sbatch --test-only`, default 4; nothing binds them);
-# MPIOPT_SLURM_AUTH (munge, the default, or none: no munged, tests only);
-# MPIOPT_SLURM_PORT (slurmctld's port, slurmd takes the next; default from the directory's name).
+# default 8 per core: tests oversubscribe); MPIOPT_SLURM_GPUS (stand-in GPUs, empty files, that
+# the node advertises so that GPU scripts pass `sbatch --test-only`; default 4, nothing runs on
+# them); MPIOPT_SLURM_AUTH (munge, the default, or none: no munged, tests only);
+# MPIOPT_SLURM_PORT (slurmctld's port, slurmd takes the next; default: the first free pair
+# from a port derived from the directory's name, below the ephemeral range).
 set -euo pipefail
 
 DIR=${MPIOPT_SLURM_DIR:-/tmp/mpiopt-slurm}
@@ -31,10 +32,12 @@ die() { echo "local-cluster: $*" >&2; exit 1; }
 
 # ---- processes we started: "PID STARTTIME" in $RUN/NAME.pid ---------------------------------
 
-start_time() { # the start time of PID in clock ticks (field 22 of /proc/PID/stat), or nothing
+start_time() { # the start time of live PID in clock ticks (/proc/PID/stat field 22), or nothing
     local stat fields
     read -r stat 2>/dev/null <"/proc/$1/stat" || return 0
     read -r -a fields <<<"${stat##*) }"  # the fields after "(comm) ": a comm may hold spaces
+    # A dead process can stay a zombie for a while where PID 1 is slow to reap (containers).
+    case ${fields[0]} in Z | X) return 0 ;; esac
     echo "${fields[19]}"
 }
 
@@ -49,6 +52,8 @@ pid_of() { local pid _; read -r pid _ <"$RUN/$1.pid"; echo "$pid"; }
 
 spawn() { # NAME CMD...: start CMD detached in its own session; record its PID and start time
     local name=$1; shift
+    # A background job of a script is no process group leader, so setsid does not fork: $! is
+    # the daemon itself.
     setsid "$@" >>"$DIR/log/$name.out" 2>&1 </dev/null &
     local pid=$!
     echo "$pid $(start_time "$pid")" >"$RUN/$name.pid"
@@ -109,8 +114,12 @@ remove_stale_shm() { # segments of our jobs' steps 0-7 that no process maps any 
 
 # ---- configuration ----------------------------------------------------------------------------
 
-default_port() { # a port below the ephemeral range, stable for a directory
-    echo $(( 20000 + $(cksum <<<"$DIR" | cut -d' ' -f1) % 5000 * 2 ))
+listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+default_port() { # the first free pair from a port below the ephemeral range, stable for $DIR
+    local port=$(( 20000 + $(cksum <<<"$DIR" | cut -d' ' -f1) % 5000 * 2 ))
+    while listening "$port" || listening $((port + 1)); do port=$((port + 2)); done
+    echo "$port"
 }
 
 first_job_id() { echo $(( $(date +%s) % 6000000 * 10 + 1 )); }
