@@ -171,7 +171,7 @@ def test_sweep_array_then_report(submitted):
     assert len(tasks) == 6
     sweep = work / "runs" / f"sweep-{array}"
     deadline = time.monotonic() + 60
-    while not (sweep / "report.jobid").exists():
+    while not ((sweep / "report.jobid").exists() and (sweep / "report.jobid").read_text()):
         assert time.monotonic() < deadline, "no task submitted the report"
         time.sleep(0.1)
     report = (sweep / "report.jobid").read_text().strip().split(";")[0]
