@@ -59,6 +59,23 @@ def local_rank(env=None) -> int:
     return 0
 
 
+# Variables a process manager sets when it tells MPI the size of the job (PMI-1/2, PMIx, Open MPI).
+_SIZE_VARS = ("PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE")
+
+
+def singleton_tasks(world_size: int, env=None) -> int:
+    """Return the task count of an srun step whose tasks each started MPI alone, else 0.
+
+    ``srun`` without ``--mpi=pmi2`` (and no ``MpiDefault``) gives MPI no process manager to
+    wire up with: every task becomes a singleton of size 1 that believes it is rank 0.
+    """
+    env = os.environ if env is None else env
+    tasks = int(env.get("SLURM_STEP_NUM_TASKS") or 0)
+    if world_size == 1 and tasks > 1 and not any(v in env for v in _SIZE_VARS):
+        return tasks
+    return 0
+
+
 def device_index(count: int, env=None) -> int:
     """Return the visible device this rank uses: its local rank modulo ``count``.
 

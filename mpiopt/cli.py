@@ -156,13 +156,22 @@ def cmd_bench(args) -> int:
 
 
 def cmd_jobs(args) -> int:
-    from mpiopt.jobs import list_jobs, render_slurm
+    from mpiopt import jobs
 
     if args.what == "list":
-        print(list_jobs())
-    else:
-        print(render_slurm(args.config, args.nodes, args.tasks_per_node, args.time,
-                           args.partition), end="")
+        print(jobs.list_jobs())
+        return 0
+    if args.what == "hosts":
+        print(jobs.render_hosts(args.config, jobs.parse_list(args.hosts, "--hosts"),
+                                args.tasks_per_node, args.venv or jobs.active_venv()), end="")
+        return 0
+    script = jobs.render_slurm(
+        args.config, args.template, nodes=args.nodes, tasks_per_node=args.tasks_per_node,
+        time=args.time, partition=args.partition, launcher=args.launcher,
+        algorithms=jobs.parse_list(args.algorithms, "--algorithms"),
+        seeds=jobs.parse_list(args.seeds, "--seeds", int), signal_before=args.signal_before,
+        venv=args.venv or jobs.active_venv())
+    print(script, end="")
     return 0
 
 
@@ -246,16 +255,39 @@ def _bench_parser(sub) -> None:
 
 
 def _jobs_parser(sub) -> None:
-    p = sub.add_parser("jobs", help="example configs and Slurm job scripts")
+    from mpiopt.jobs import LAUNCHERS, SLURM_TEMPLATES
+
+    p = sub.add_parser("jobs", help="example configs, Slurm job scripts, mpiexec scripts")
     jsub = p.add_subparsers(dest="what", required=True, parser_class=_Parser)
     jsub.add_parser("list", help="list configs and templates").set_defaults(func=cmd_jobs)
-    s = jsub.add_parser("slurm", help="print a Slurm batch script for a config")
+    s = jsub.add_parser("slurm", help="print a Slurm batch script for a config",
+                        description="Print a template of jobs/slurm filled in for CONFIG; "
+                        "options left out keep the template's defaults.")
     s.add_argument("config")
-    s.add_argument("--nodes", type=int, default=2)
-    s.add_argument("--tasks-per-node", type=int, default=4)
-    s.add_argument("--time", default="00:30:00")
-    s.add_argument("--partition", default=None)
+    s.add_argument("--template", default="multinode", choices=tuple(SLURM_TEMPLATES),
+                   help="multinode (default; srun), single-node (mpiexec), gpu (one rank per "
+                        "GPU), sweep (job array over algorithms x seeds, then a report), "
+                        "preempt (USR1 before the end, then requeue)")
+    s.add_argument("--nodes", type=int, help="#SBATCH --nodes")
+    s.add_argument("--tasks-per-node", type=int, help="#SBATCH --ntasks-per-node (ranks)")
+    s.add_argument("--time", help="#SBATCH --time, e.g. 00:30:00")
+    s.add_argument("--partition", help="#SBATCH --partition")
+    s.add_argument("--launcher", choices=LAUNCHERS,
+                   help="how ranks start: srun --mpi=pmi2, or mpiexec inside the allocation")
+    s.add_argument("--algorithms", help="sweep: comma-separated algorithm names")
+    s.add_argument("--seeds", help="sweep: comma-separated seeds")
+    s.add_argument("--signal-before", type=int, metavar="SECONDS",
+                   help="preempt: USR1 this long before the time limit (#SBATCH --signal)")
+    s.add_argument("--venv", help="environment the job activates (default: the active one)")
     s.set_defaults(func=cmd_jobs)
+    h = jsub.add_parser("hosts", help="print an mpiexec script for a list of hosts (no Slurm)",
+                        description="Print jobs/hosts/mpiexec.sh filled in for CONFIG: "
+                        "MPICH's mpiexec starts the ranks on the hosts over ssh.")
+    h.add_argument("config")
+    h.add_argument("--hosts", help="comma-separated host names (default: localhost)")
+    h.add_argument("--tasks-per-node", type=int, help="ranks on each host (default 4)")
+    h.add_argument("--venv", help="environment the ranks use (default: the active one)")
+    h.set_defaults(func=cmd_jobs)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -275,6 +275,11 @@ def run(config_path: str, sets=None, steps=None, seed=None, out=None, overwrite=
         quiet=False, transport: Transport | None = None) -> dict | None:
     """Run a configuration on every rank of the job; return the summary on rank 0."""
     transport = transport or Transport()
+    tasks = backend.singleton_tasks(transport.size)
+    if tasks:
+        raise ConfigError(f"srun started {tasks} tasks but MPI sees 1 rank in each: they run "
+                          "alone, as singletons; launch with `srun --mpi=pmi2` (MPICH; "
+                          "`--mpi=pmix` for Open MPI) or set MpiDefault in slurm.conf")
     transport.reset_stats()
     faults = agree(transport, lambda: FaultInjector.from_env(transport.rank))
     cfg, out_dir = prepare(transport, config_path,

@@ -1,11 +1,13 @@
-"""Shared test helpers: launching ranks under mpiexec with a hard timeout."""
+"""Shared test helpers: launching ranks under mpiexec with a hard timeout; a local Slurm."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "tests" / "mpi" / "scripts"
 CONFIGS = ROOT / "jobs" / "configs"
+LOCAL_CLUSTER = ROOT / "jobs" / "slurm" / "local-cluster.sh"
+SLURM_PACKAGES = "slurmctld slurmd slurm-client munge"
+SLURM_COMMANDS = ("slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel", "munged")
 
 
 def _mpiexec() -> str:
@@ -83,3 +88,75 @@ def assert_cover(shards, x_full, y_full) -> None:
 @pytest.fixture
 def run_mpi():
     return launch
+
+
+def _processes_using(path: str) -> list[str]:
+    """Return 'PID command' of every process whose command line, open files or environment
+    name ``path`` (a job inherits SLURM_CONF, so a rank left behind shows up too)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            environ = (proc / "environ").read_bytes()
+            fds = [os.readlink(fd) for fd in (proc / "fd").iterdir()]
+        except OSError:  # gone, or a kernel thread
+            continue
+        if path in cmdline or path.encode() in environ or any(f.startswith(path) for f in fds):
+            found.append(f"{proc.name} {cmdline.strip()}")
+    return found
+
+
+class SlurmCluster:
+    """The one-node Slurm of ``jobs/slurm/local-cluster.sh``, under its own directory."""
+
+    def __init__(self, directory: str):
+        self.dir = directory
+        self.conf = os.path.join(directory, "etc", "slurm.conf")
+        # Nothing of an outer Slurm job (the tests may run inside one) reaches this cluster.
+        outer = ("SLURM_", "SBATCH_", "SALLOC_", "SRUN_")
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(outer)}
+        self.env.update(MPIOPT_SLURM_DIR=directory, SLURM_CONF=self.conf)
+
+    def run(self, *args, cwd=None, timeout: float = 30) -> subprocess.CompletedProcess:
+        """Run a command (``sbatch``, ``scontrol``, ...) against this cluster."""
+        return subprocess.run([str(a) for a in args], env=self.env, cwd=cwd, text=True,
+                              capture_output=True, timeout=timeout)
+
+    def script(self, command: str, timeout: float = 90) -> subprocess.CompletedProcess:
+        """Run ``local-cluster.sh COMMAND`` for this cluster's directory."""
+        return self.run(LOCAL_CLUSTER, command, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """Bring up a one-node Slurm for the tests that ask for it; take it down after them.
+
+    Skipped where Slurm's Debian packages are not installed (``.ci/run`` installs them as
+    root) or without root (slurmd runs as root). Teardown fails if a process of the cluster
+    or of its jobs is left.
+    """
+    missing = [c for c in SLURM_COMMANDS if shutil.which(c) is None]
+    if missing:
+        pytest.skip(f"Slurm is not installed ({', '.join(missing)} not found): as root, "
+                    f"apt-get install --no-install-recommends {SLURM_PACKAGES} (.ci/run does)")
+    if os.geteuid() != 0:
+        pytest.skip("a local Slurm needs root (slurmd runs as root)")
+    directory = tempfile.mkdtemp(prefix="mpiopt-slurm-", dir="/tmp")
+    os.chmod(directory, 0o755)  # munged refuses a socket below a directory others cannot search
+    cluster = SlurmCluster(directory)
+    up = cluster.script("up")
+    if up.returncode != 0:
+        cluster.script("down")
+        pytest.fail(f"local-cluster.sh up failed (logs kept in {directory}/log):\n"
+                    f"{up.stdout}{up.stderr}")
+    try:
+        yield cluster
+    finally:
+        down = cluster.script("down")
+        left = _processes_using(directory)
+        assert down.returncode == 0 and not left, (
+            f"local-cluster.sh down: {down.stdout}{down.stderr}; left: {left}; logs kept in "
+            f"{directory}/log")
+        shutil.rmtree(directory, ignore_errors=True)

@@ -1,6 +1,7 @@
 """The command line: every invalid input exits 2 with one line, and the other subcommands."""
 
 import json
+import socket
 
 import pytest
 import yaml
@@ -163,7 +164,27 @@ def test_jobs(tmp_path):
                         "--tasks-per-node", "8"], timeout=60)
     assert res.returncode == 0, res.stderr
     assert "#SBATCH --nodes=3" in res.stdout and "#SBATCH --ntasks-per-node=8" in res.stdout
+    assert res.stdout.count("#SBATCH --nodes=") == 1  # the template's own default replaced
     assert f'CONFIG={QUICK}' in res.stdout
+    res = launch(None, [*mpiopt_cmd(), "jobs", "slurm", QUICK, "--template", "sweep",
+                        "--algorithms", "signum,adam"], timeout=60)
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr.startswith("mpiopt: error: --algorithms: unknown algorithm 'adam'")
+
+
+@pytest.mark.mpi
+def test_hosts_script_runs_on_the_listed_hosts(tmp_path):
+    """Two names of this machine: hydra starts both hosts' ranks here, without ssh."""
+    cfg = cfg_with(tmp_path, run={"steps": 10, "eval_every": 5})
+    res = launch(None, [*mpiopt_cmd(), "jobs", "hosts", cfg, "--tasks-per-node", "2",
+                        "--hosts", f"localhost,{socket.gethostname()}"], timeout=60)
+    assert res.returncode == 0, res.stderr
+    script = write(tmp_path, "run.sh", res.stdout)
+    res = launch(None, ["bash", script, "--steps", "6"], timeout=120, cwd=tmp_path,
+                 env={"MPIOPT_OUT": "runs/hosts"})
+    assert res.returncode == 0, res.stderr
+    result = json.loads((tmp_path / "runs" / "hosts" / "summary.json").read_text())
+    assert result["world_size"] == 4 and result["steps"] == 6
 
 
 @pytest.mark.mpi

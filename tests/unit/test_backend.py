@@ -401,3 +401,12 @@ def test_synchronize_waits_on_the_stream_given(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", cp)
     backend.synchronize(types.SimpleNamespace(device=cp.Device(1)), stream=cp.Stream(7))
     assert cp.waited == [7]
+
+
+def test_singleton_tasks_of_an_srun_without_pmi():
+    assert backend.singleton_tasks(1, {"SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "2"}) == 4
+    # Wired up: the process manager gave MPI the size (srun --mpi=pmi2, hydra, Open MPI).
+    assert backend.singleton_tasks(1, {"SLURM_STEP_NUM_TASKS": "4", "PMI_SIZE": "1"}) == 0
+    assert backend.singleton_tasks(4, {"SLURM_STEP_NUM_TASKS": "4"}) == 0
+    assert backend.singleton_tasks(1, {"SLURM_STEP_NUM_TASKS": "1"}) == 0
+    assert backend.singleton_tasks(1, {}) == 0
