@@ -9,12 +9,12 @@ from test_run import read_model, read_summary, run, write_config
 pytestmark = pytest.mark.mpi
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("n", [1, 2, 3, 5])  # even counts (ties) by 2; odd by 3 and 5
 def test_vote_transports_equal_the_oracle(n):
     run_check_script(n, "check_vote.py", f"vote checks passed on {n} ranks")
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("n", [1, 2, 3])
 def test_ef_exchange_equals_the_oracle(n):
     run_check_script(n, "check_ef.py", f"ef checks passed on {n} ranks")
 
