@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 
@@ -10,6 +11,9 @@ class Progress:
     """Prints a progress line at most every ``every_s`` seconds (rank 0, not quiet).
 
     The first line appears only after ``every_s`` seconds, so short runs stay silent.
+    :attr:`due` is the ``perf_counter`` time from which the next line may be printed
+    (infinite when disabled): the step loop compares its own clock reading with it and calls
+    :meth:`update` only then, so the steps in between pay for one comparison.
     """
 
     def __init__(self, total_steps: int, every_s: float = 2.0, enabled: bool = True,
@@ -20,20 +24,26 @@ class Progress:
         self.stream = stream or sys.stdout
         self.start = time.perf_counter()
         self.last = self.start
+        self.due = self.start + every_s if enabled else math.inf
         self.accuracy: float | None = None
 
     def note_eval(self, metrics: dict) -> None:
         """Remember the latest evaluation for the next line."""
         self.accuracy = metrics.get("accuracy", self.accuracy)
 
-    def update(self, step: int, loss: float, bytes_sent: int) -> None:
-        """Print a line if the interval has passed since the last one."""
+    def update(self, step: int, loss: float, bytes_sent: int, now: float | None = None) -> None:
+        """Print a line if the interval has passed since the last one.
+
+        ``now`` is the caller's ``perf_counter`` reading, if it has one (read here otherwise).
+        """
         if not self.enabled:
             return
-        now = time.perf_counter()
+        if now is None:
+            now = time.perf_counter()
         if now - self.last < self.every:
             return
         self.last = now
+        self.due = now + self.every
         done = step + 1
         rate = done / max(now - self.start, 1e-9)
         eta = (self.total - done) / rate if rate > 0 else float("inf")
