@@ -12,7 +12,8 @@ Blocking collectives run at full speed; a watchdog thread enforces their deadlin
 job with a message naming the operation, the peer, the channel and the step. Nonblocking
 operations return a :class:`Handle` whose ``wait`` (and ``cancel``) polls with backoff until
 its deadline and then raises :class:`CommTimeout`; :func:`wait_any` and :func:`test_some` do
-the same over many handles, e.g. a parameter server's receives from any source.
+the same over many handles, and a :class:`RequestSet` over persistent operations that are
+started again for every message (a parameter server's receives from its workers).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from mpiopt.comm.handles import (  # noqa: F401  (re-exported: the transport's A
     Channel,
     CommTimeout,
     Handle,
+    RequestSet,
     _backoff,
     _copy_back,
     _Receive,
@@ -428,6 +430,10 @@ class Transport:
         req = self.comm.Irecv(host, source=MPI.ANY_SOURCE if source is None else source,
                               tag=MPI.ANY_TAG if channel is None else int(channel))
         return _Receive(self, req, buf, host, source, channel)
+
+    def requests(self) -> RequestSet:
+        """Return an empty set of persistent operations on this transport (host buffers)."""
+        return RequestSet(self)
 
     def sendrecv(self, sendbuf, dest: int, recvbuf, source: int, channel: Channel) -> None:
         """Exchange buffers with two peers (possibly the same) under the deadline."""

@@ -16,6 +16,11 @@ from oracles import dcasgd_step as oracle  # noqa: E402  (shared with check_dcas
 F32 = np.float32
 
 
+def requests():
+    """Stand in for a transport's set of persistent operations: the rule needs none."""
+    return SimpleNamespace(recv=lambda *a: None, send=lambda *a: None, start_all=lambda: None)
+
+
 def server(d=64, workers=2, seed=0, **keys):
     """Return DC-ASGD's server object (rank 0 of 1 + ``workers``), its model random."""
     from mpiopt.algorithms.dcasgd import DCASGDConfig
@@ -24,7 +29,7 @@ def server(d=64, workers=2, seed=0, **keys):
     cfg = build_section(DCASGDConfig, keys, "algorithm")
     ctx = SimpleNamespace(xp=np, rank=0, role="server", roles=("server",) + ("worker",) * workers,
                           init_rng=None, problem=SimpleNamespace(init=lambda rng: x0.copy()),
-                          transport=SimpleNamespace(irecv=lambda *a: None))
+                          transport=SimpleNamespace(requests=requests))
     alg = cfg.build(ctx)
     alg.setup()
     return alg
