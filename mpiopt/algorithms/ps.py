@@ -11,7 +11,11 @@ each runs the rule on its own range, with its own versions, rounds and queues. E
 one push in flight at most; a server keeps a receive posted for every worker and takes the
 first to complete, under the run's deadline. Every message of training goes between the same
 buffers, so both sides set their operations up once as persistent requests
-(:class:`~mpiopt.comm.transport.RequestSet`) and restart them for every message.
+(:class:`~mpiopt.comm.transport.RequestSet`) and restart them for every message. With one
+server the rule writes the new model out of place, straight into the buffer the pushing
+worker's answer goes out from, and that buffer becomes the server's model: an answer is copied
+only when its worker gets a model another push produced (a rule that held pushes back, a
+dropped stale gradient).
 
 Versions. The server counts the updates it has applied; it remembers the version it last sent
 to each worker, so the staleness of every gradient it applies (updates applied since the model
@@ -102,9 +106,9 @@ class ParameterServer(AsynchronousAlgorithm):
         self.inbox = [np.zeros(size + self.offset, np.float32) for _ in self.workers]
         # The model last sent to each worker: at first the initial model every rank holds.
         self.outbox = [self.w.copy() for _ in self.workers]
-        self.sent_version = np.zeros(n, np.int64)
-        self.applied = np.zeros(n, np.int64)
-        self.dropped = np.zeros(n, np.int64)  # pushes older than algorithm.staleness_bound
+        self.sent_version = [0] * n
+        self.applied = [0] * n
+        self.dropped = [0] * n  # pushes older than algorithm.staleness_bound
         self.version = 0
         self.staleness: list[int] = []  # of every applied gradient, in order
         self.applied_from: list[int] = []  # the worker index of every applied gradient
@@ -138,8 +142,14 @@ class ParameterServer(AsynchronousAlgorithm):
             self.ctx.xp.multiply(self.x, self.cfg.weight_decay, out=self.state.scratch)
             g += self.state.scratch
 
-    def apply(self, w, g, worker: int, staleness: int, lr: float) -> None:
-        """Apply the gradient ``g`` of worker index ``worker`` to the server's model ``w``."""
+    def apply(self, w, g, worker: int, staleness: int, lr: float, out=None) -> None:
+        """Apply the gradient ``g`` of worker index ``worker`` to the server's model ``w``.
+
+        The new model goes into ``w`` in place, or with ``out`` given into ``out`` (``w`` left
+        as it is). ``out`` is then ``outbox[worker]``, the model last sent to that worker, the
+        buffer its answer goes out from: a rule that reads it (DC-ASGD's backup) does so
+        before it writes ``out``.
+        """
         raise NotImplementedError
 
     def receive(self, k: int, lr: float) -> list[int]:
@@ -171,12 +181,19 @@ class ParameterServer(AsynchronousAlgorithm):
         A gradient staler than ``algorithm.staleness_bound`` (when set) is dropped instead:
         counted, not applied; its worker is answered with the current model all the same.
         """
-        staleness = self.version - int(self.sent_version[k])
+        staleness = self.version - self.sent_version[k]
         bound = self.cfg.staleness_bound
         if bound and staleness > bound:
             self.dropped[k] += 1
             return
-        self.apply(self.w, self.inbox[k][self.offset:], k, staleness, lr)
+        if self.models is None:  # one server: the new model straight into k's answer
+            if self.replies.active[k]:
+                self.replies.wait(k)  # delivered: k pushed again after receiving it
+            out = self.outbox[k]
+            self.apply(self.w, self.inbox[k][self.offset:], k, staleness, lr, out)
+            self.x = self.w = out
+        else:  # the model stays in the window that rank 0 reads
+            self.apply(self.w, self.inbox[k][self.offset:], k, staleness, lr)
         self.version += 1
         self.applied[k] += 1
         self.staleness.append(staleness)
@@ -276,7 +293,8 @@ class ParameterServer(AsynchronousAlgorithm):
             self.stops.append(stop)
             self.open -= 1
             return
-        self.outbox[k][...] = self.w
+        if self.outbox[k] is not self.w:  # not the buffer the rule wrote this model into
+            self.outbox[k][...] = self.w
         self.sent_version[k] = self.version
         replies.start(k)
         self.pushes.start(k)
@@ -333,8 +351,8 @@ class ParameterServer(AsynchronousAlgorithm):
         """Return this server's facts for ``summary.json`` (rules add their own)."""
         s = np.asarray(self.staleness, dtype=np.float64)
         return {"updates_applied": int(self.version),
-                "updates_per_worker": self.applied.tolist(),
-                "dropped_stale_per_worker": self.dropped.tolist(),
+                "updates_per_worker": list(self.applied),
+                "dropped_stale_per_worker": list(self.dropped),
                 "goodbyes": self.goodbyes,
                 "staleness": {"mean": float(s.mean()) if s.size else 0.0,
                               "p50": float(np.percentile(s, 50)) if s.size else 0.0,

@@ -102,6 +102,22 @@ def test_a_sequence_of_pushes_from_two_workers(adaptive, momentum):
         alg.outbox[k][...] = sent[k] = w.copy()  # the engine's answer to worker k
 
 
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_out_of_place_into_the_backup_equals_in_place(adaptive):
+    # With one server the engine has the rule write the new model into the worker's answer
+    # buffer, which holds that worker's backup: it must be read before it is overwritten.
+    alg = server(adaptive=adaptive, lr=0.05)
+    w, g, b = vectors(alg.d, seed=4)
+    in_place = w.copy()
+    alg.outbox[1][...] = b
+    alg.apply(in_place, g.copy(), 1, 2, 0.05)
+    other = server(adaptive=adaptive, lr=0.05)
+    other.outbox[1][...] = b
+    got = w.copy()
+    other.apply(got, g.copy(), 1, 2, 0.05, out=other.outbox[1])
+    assert same_bits(other.outbox[1], in_place) and np.array_equal(got, w)
+
+
 def test_lam_zero_is_asgd():
     alg = server(lam=0.0, adaptive=True)
     w, g, b = vectors(alg.d, seed=3)
