@@ -430,6 +430,7 @@ class AsynchronousAlgorithm(ModelAlgorithm):
         self.setup()
         self.warm_up()
         stop = Termination(ctx.transport, *self.budget(), ctx.elapsed)
+        evaluating = ctx.rank == 0 and ctx.eval_every > 0
         ctx.restart_clock()
         step = 0
         while not self.stopped and stop.go(step):
@@ -438,7 +439,7 @@ class AsynchronousAlgorithm(ModelAlgorithm):
             loss = self.step(step, lr)
             ctx.end_step(step, loss, lr)
             stop.beat(step + 1)
-            if ctx.rank == 0 and ctx.eval_due(step):
+            if evaluating and ctx.eval_due(step):
                 ctx.record_eval(step, self.evaluate_running(step))
             step += 1
         self.settle()

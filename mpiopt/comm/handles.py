@@ -303,7 +303,7 @@ class RequestSet:
         self.nbytes: list[int | None] = []
         self._ops: list[tuple] = []  # (what, peer, posted channel, bytes a start sends)
         self._steps: list[int] = []  # the step at which each was last started
-        self._sends: list[int] = []  # indices of the sends (charged by start_all)
+        self._sent: dict[Channel, int] = {}  # bytes start_all sends, per channel
         self._statuses: list = []
         self._status = MPI.Status()
 
@@ -322,9 +322,8 @@ class RequestSet:
         """Add a send of ``buf`` to ``dest`` on ``channel``; return its index."""
         _host_only(buf)
         req = self.transport.comm.Send_init(buf, dest, int(channel))
-        i = self._add(req, ("send", dest, channel, int(buf.nbytes)))
-        self._sends.append(i)
-        return i
+        self._sent[channel] = self._sent.get(channel, 0) + int(buf.nbytes)
+        return self._add(req, ("send", dest, channel, int(buf.nbytes)))
 
     def _add(self, request, op: tuple) -> int:
         for column, value in ((self.requests, request), (self.active, False),
@@ -350,8 +349,7 @@ class RequestSet:
         t, n = self.transport, len(self.requests)
         self.active[:] = [True] * n
         self._steps[:] = [t.step] * n
-        for i in self._sends:
-            _, _, channel, sent = self._ops[i]
+        for channel, sent in self._sent.items():
             t._charge(channel, sent, 0, 0.0)
 
     def wait_any(self, timeout: float | None = None) -> int | None:
@@ -413,7 +411,8 @@ class RequestSet:
         self.active[i] = False
         what, _, channel, _ = self._ops[i]
         if what == "send":
-            self.transport._charge(channel, 0, 0, seconds)
+            if seconds:
+                self.transport._charge(channel, 0, 0, seconds)
         elif not status.Is_cancelled():  # a cancelled receive counts nothing
             self.source[i] = status.Get_source()
             channel = self.channel[i] = _CHANNELS[status.Get_tag()]
