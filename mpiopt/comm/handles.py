@@ -11,6 +11,7 @@ and polls them together, with the same backoff, deadlines and accounting. Split 
 
 from __future__ import annotations
 
+import collections
 import enum
 import itertools
 import os
@@ -306,6 +307,7 @@ class RequestSet:
         self._sent: dict[Channel, int] = {}  # bytes start_all sends, per channel
         self._statuses: list = []
         self._status = MPI.Status()
+        self._ready: collections.deque = collections.deque()  # completed, not yet reported
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -355,23 +357,32 @@ class RequestSet:
     def wait_any(self, timeout: float | None = None) -> int | None:
         """Wait until one active operation completes; return its index (None if none is active).
 
-        Each completion is reported once, as by :func:`wait_any`.
+        Each completion is reported once, as by :func:`wait_any`, and in turn: one poll
+        (``Testsome``) completes every operation that has, and they are reported in that
+        order before anything that completes later, so no operation waits behind another
+        that completes again and again (a fast worker's pushes).
         """
-        requests, status = self.requests, self._status
+        if self._ready:
+            return self._ready.popleft()
+        requests, statuses = self.requests, self._statuses
         t0 = time.perf_counter()
-        i, done = MPI.Request.Testany(requests, status)
-        if not done:
+        done = MPI.Request.Testsome(requests, statuses)
+        if done == []:  # some are active, none has completed
             limit = self.transport.timeout if timeout is None else timeout
             for _ in _backoff(limit):
-                i, done = MPI.Request.Testany(requests, status)
+                done = MPI.Request.Testsome(requests, statuses)
                 if done:
                     break
             else:
                 raise CommTimeout(self._pending(f"wait_any timed out after {limit:g} s"))
-        if i == MPI.UNDEFINED:
+        if done is None:
             return None
-        self._complete(i, status, time.perf_counter() - t0)
-        return i
+        seconds = time.perf_counter() - t0  # charged to the first of them
+        for i, status in zip(done, statuses):  # statuses in the order of the indices
+            self._complete(i, status, seconds)
+            seconds = 0.0
+        self._ready.extend(done[1:])
+        return done[0]
 
     def wait(self, i: int, timeout: float | None = None) -> None:
         """Wait until operation ``i`` completes (at once if it is not active)."""
@@ -434,6 +445,7 @@ class RequestSet:
         for request in self.requests:
             request.Free()
         self.requests = []
+        self._ready.clear()
 
 
 def _where(peer, channel, step: int) -> str:

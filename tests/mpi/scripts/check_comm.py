@@ -204,14 +204,17 @@ def check_request_set():
     assert ring.wait_any() is None
     ring.free()
     t.barrier()
-    # Rank 0 takes one message from every other rank at a time with wait_any, three times:
-    # each is reported once, with its size; a receive restarted is waited for again.
+    # Every other rank sends rank 0 three messages (small: they go out without being taken),
+    # all there before rank 0 looks. It takes them with wait_any, restarting each receive
+    # once reported: each is reported once, with its size, and in turn: a receive restarted
+    # onto a message already there does not jump the queue of those completed before it.
     if r == 0:
         bufs = [np.zeros(n) for _ in range(n - 1)]
         inbox = t.requests()
         for q, buf in enumerate(bufs):
             inbox.recv(buf, q + 1, None)
         inbox.start_all()
+        t.barrier()
         seen = []
         while len(seen) < 3 * (n - 1):
             k = inbox.wait_any(timeout=20)
@@ -220,7 +223,7 @@ def check_request_set():
             seen.append(k)
             if seen.count(k) < 3:
                 inbox.start(k)
-        assert sorted(seen) == sorted(list(range(n - 1)) * 3) and inbox.wait_any() is None
+        assert seen == list(range(n - 1)) * 3 and inbox.wait_any() is None, seen
         inbox.free()
     else:
         mine = t.requests()
@@ -229,6 +232,7 @@ def check_request_set():
             mine.start_all()
             mine.wait_all(timeout=20)
         mine.free()
+        t.barrier()
     t.barrier()
 
 
