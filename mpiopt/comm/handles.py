@@ -188,8 +188,7 @@ class Handle:
 
     def where(self) -> str:
         """Return ``(peer P, tag T, step S)`` for messages about this operation."""
-        tag = "any" if self.channel is None else self.channel.name
-        return f"(peer {self.peer}, tag {tag}, step {self.step})"
+        return _where(self.peer, self.channel, self.step)
 
     def describe(self, problem: str) -> str:
         return f"{self.what} {problem} {self.where()}"
@@ -360,7 +359,8 @@ class RequestSet:
         Each completion is reported once, as by :func:`wait_any`, and in turn: one poll
         (``Testsome``) completes every operation that has, and they are reported in that
         order before anything that completes later, so no operation waits behind another
-        that completes again and again (a fast worker's pushes).
+        that completes again and again (a fast worker's pushes). What :meth:`wait` or
+        :meth:`wait_all` completed is not reported here.
         """
         if self._ready:
             return self._ready.popleft()
@@ -374,7 +374,8 @@ class RequestSet:
                 if done:
                     break
             else:
-                raise CommTimeout(self._pending(f"wait_any timed out after {limit:g} s"))
+                raise CommTimeout(self._pending(f"wait_any timed out after {limit:g} s",
+                                                "any of: "))
         if done is None:
             return None
         seconds = time.perf_counter() - t0  # charged to the first of them
@@ -411,7 +412,7 @@ class RequestSet:
                 if MPI.Request.Testall(requests, statuses):
                     break
             else:
-                raise CommTimeout(self._pending(f"wait_all timed out after {limit:g} s"))
+                raise CommTimeout(self._pending(f"wait_all timed out after {limit:g} s", ""))
         seconds = time.perf_counter() - t0  # charged to the first of them
         for i, active in enumerate(self.active):
             if active:
@@ -430,11 +431,11 @@ class RequestSet:
             self.nbytes[i] = nbytes = status.Get_count(MPI.BYTE)
             self.transport._charge(channel, 0, nbytes, seconds)
 
-    def _pending(self, problem: str) -> str:
+    def _pending(self, problem: str, which: str) -> str:
         waiting = ", ".join(f"{what} {_where(peer, channel, step)}"
                             for (what, peer, channel, _), step, active
                             in zip(self._ops, self._steps, self.active) if active)
-        return f"{problem} at step {self.transport.step} waiting for any of: {waiting}"
+        return f"{problem} at step {self.transport.step} waiting for {which}{waiting}"
 
     def free(self, timeout: float | None = None) -> None:
         """Cancel the receives still active, wait for the sends, release every request."""
