@@ -144,6 +144,7 @@ class Context:
             [seed, 1, workers.index(self.rank)] if self.rank in workers else [seed, 3, self.rank])
         self.init_rng = np.random.default_rng([seed, 0])
         self.steps = cfg.run.steps
+        self.time_limit = cfg.run.time_limit_s
         self.eval_every = cfg.run.eval_every
         self.schedule = cfg.algorithm.make_schedule(cfg.run.expected_steps(self.size))
         self.run_dir = run_dir
@@ -184,7 +185,7 @@ class Context:
 
     def out_of_time(self) -> bool:
         """Return True when the run's wall-time budget is spent."""
-        limit = self.cfg.run.time_limit_s
+        limit = self.time_limit
         return limit is not None and self.elapsed() >= limit
 
     def begin_step(self, step: int) -> None:
@@ -351,7 +352,7 @@ class SynchronousAlgorithm(ModelAlgorithm):
         ctx = self.ctx
         self.setup()
         self.warm_up()
-        limited = ctx.cfg.run.time_limit_s is not None
+        limited = ctx.time_limit is not None
         ctx.restart_clock()
         for step in range(ctx.steps):
             # Every rank must stop at the same step: rank 0's clock decides.
@@ -433,7 +434,7 @@ class AsynchronousAlgorithm(ModelAlgorithm):
         evaluating = ctx.rank == 0 and ctx.eval_every > 0
         ctx.restart_clock()
         step = 0
-        while not self.stopped and stop.go(step):
+        while not self.stopped and (stop.unbounded or stop.go(step)):
             ctx.begin_step(step)
             lr = ctx.schedule(step)
             loss = self.step(step, lr)

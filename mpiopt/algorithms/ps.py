@@ -104,6 +104,7 @@ class ParameterServer(AsynchronousAlgorithm):
         self.state = self.opt.init(self.w)  # the rule's scratch, sized to this range
         self.offset = 1 if ctx.rank == 0 else 0  # only server 0's messages carry the loss
         self.inbox = [np.zeros(size + self.offset, np.float32) for _ in self.workers]
+        self.grads = [box[self.offset:] for box in self.inbox]  # the gradient of each push
         # The model last sent to each worker: at first the initial model every rank holds.
         self.outbox = [self.w.copy() for _ in self.workers]
         self.sent_version = [0] * n
@@ -190,10 +191,10 @@ class ParameterServer(AsynchronousAlgorithm):
             if self.replies.active[k]:
                 self.replies.wait(k)  # delivered: k pushed again after receiving it
             out = self.outbox[k]
-            self.apply(self.w, self.inbox[k][self.offset:], k, staleness, lr, out)
+            self.apply(self.w, self.grads[k], k, staleness, lr, out)
             self.x = self.w = out
         else:  # the model stays in the window that rank 0 reads
-            self.apply(self.w, self.inbox[k][self.offset:], k, staleness, lr)
+            self.apply(self.w, self.grads[k], k, staleness, lr)
         self.version += 1
         self.applied[k] += 1
         self.staleness.append(staleness)
@@ -258,6 +259,17 @@ class ParameterServer(AsynchronousAlgorithm):
 
         Goodbyes are taken here; None once the last open worker has said goodbye.
         """
+        pushes = self.pushes
+        if self.open and self.patience() is None:  # the common case: one plain wait
+            k = pushes.wait_any(self.ctx.transport.timeout)
+            if k is not None and pushes.channel[k] is not _CONTROL:
+                return k
+            if k is not None:
+                self._goodbye(k, lr)
+        return self._wait_for_push(lr)
+
+    def _wait_for_push(self, lr: float) -> int | None:
+        """:meth:`_next_push` where the rule may act meanwhile, or workers have left."""
         deadline = time.monotonic() + self.ctx.transport.timeout
         while True:
             if self.open == 0:

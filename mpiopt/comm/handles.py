@@ -307,6 +307,7 @@ class RequestSet:
         self._statuses: list = []
         self._status = MPI.Status()
         self._ready: collections.deque = collections.deque()  # completed, not yet reported
+        self._cancelled = False  # whether free() has cancelled receives (statuses to check)
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -348,8 +349,8 @@ class RequestSet:
         """Start every operation, in the order added (none may be active)."""
         MPI.Prequest.Startall(self.requests)
         t, n = self.transport, len(self.requests)
-        self.active[:] = [True] * n
-        self._steps[:] = [t.step] * n
+        self.active = [True] * n
+        self._steps = [t.step] * n
         for channel, sent in self._sent.items():
             t._charge(channel, sent, 0, 0.0)
 
@@ -425,7 +426,7 @@ class RequestSet:
         if what == "send":
             if seconds:
                 self.transport._charge(channel, 0, 0, seconds)
-        elif not status.Is_cancelled():  # a cancelled receive counts nothing
+        elif not (self._cancelled and status.Is_cancelled()):  # a cancelled one counts nothing
             self.source[i] = status.Get_source()
             channel = self.channel[i] = _CHANNELS[status.Get_tag()]
             self.nbytes[i] = nbytes = status.Get_count(MPI.BYTE)
@@ -442,6 +443,7 @@ class RequestSet:
         for (what, *_), request, active in zip(self._ops, self.requests, self.active):
             if active and what == "receive":
                 request.Cancel()
+                self._cancelled = True
         self.wait_all(timeout)
         for request in self.requests:
             request.Free()
