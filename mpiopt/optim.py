@@ -35,6 +35,8 @@ def make_schedule(kind: str, lr: float, total_steps: int, warmup_steps: int = 0,
     """
     if kind not in SCHEDULES:
         raise ValueError(f"unknown schedule {kind!r}; valid: {', '.join(SCHEDULES)}")
+    if kind == "constant" and warmup_steps <= 0:
+        return lambda step: lr  # asked every step: the plain case in one call
 
     def base(step: int) -> float:
         if kind == "step" and decay_every > 0:

@@ -351,7 +351,7 @@ class RequestSet:
         t, n = self.transport, len(self.requests)
         self.active = [True] * n
         self._steps = [t.step] * n
-        for channel, sent in self._sent.items():
+        for channel, sent in self._sent.items():  # one channel, in practice
             t._charge(channel, sent, 0, 0.0)
 
     def wait_any(self, timeout: float | None = None) -> int | None:
