@@ -35,6 +35,7 @@ class Channel(enum.IntEnum):
     VOTE_RESULT = 8  # voted signs on their way back to every worker
 
 
+_BYTE = MPI.BYTE
 _CHANNELS = [None] * (max(Channel) + 1)  # tag -> Channel: calling the enum costs ~0.4 us
 for _c in Channel:
     _CHANNELS[_c] = _c
@@ -318,7 +319,9 @@ class RequestSet:
         req = self.transport.comm.Recv_init(
             buf, MPI.ANY_SOURCE if source is None else source,
             MPI.ANY_TAG if channel is None else int(channel))
-        return self._add(req, ("receive", "any" if source is None else source, channel, 0))
+        i = self._add(req, ("receive", "any" if source is None else source, channel, 0))
+        self.source[i] = source  # known: never read from the status again
+        return i
 
     def send(self, buf, dest: int, channel: Channel) -> int:
         """Add a send of ``buf`` to ``dest`` on ``channel``; return its index."""
@@ -383,7 +386,8 @@ class RequestSet:
         for i, status in zip(done, statuses):  # statuses in the order of the indices
             self._complete(i, status, seconds)
             seconds = 0.0
-        self._ready.extend(done[1:])
+        if len(done) > 1:
+            self._ready.extend(done[1:])
         return done[0]
 
     def wait(self, i: int, timeout: float | None = None) -> None:
@@ -427,9 +431,10 @@ class RequestSet:
             if seconds:
                 self.transport._charge(channel, 0, 0, seconds)
         elif not (self._cancelled and status.Is_cancelled()):  # a cancelled one counts nothing
-            self.source[i] = status.Get_source()
+            if self._ops[i][1] == "any":
+                self.source[i] = status.Get_source()
             channel = self.channel[i] = _CHANNELS[status.Get_tag()]
-            self.nbytes[i] = nbytes = status.Get_count(MPI.BYTE)
+            self.nbytes[i] = nbytes = status.Get_count(_BYTE)
             self.transport._charge(channel, 0, nbytes, seconds)
 
     def _pending(self, problem: str, which: str) -> str:
