@@ -176,6 +176,21 @@ class Transport:
             totals.sent += sent
             totals.recv += recv
 
+    def _charge_sent(self, channel: Channel, nbytes: int) -> None:
+        """:meth:`_charge` of a send just started (per message: the shorter path)."""
+        self._slots[channel].sent += nbytes
+        if channel is not _EVAL:
+            self.totals.sent += nbytes
+
+    def _charge_received(self, channel: Channel, nbytes: int, seconds: float) -> None:
+        """:meth:`_charge` of a receive just completed after ``seconds`` of waiting."""
+        s, totals = self._slots[channel], self.totals
+        s.recv += nbytes
+        s.seconds += seconds
+        totals.seconds += seconds
+        if channel is not _EVAL:
+            totals.recv += nbytes
+
     def charge_time(self, channel: Channel, seconds: float) -> None:
         """Count ``seconds`` of communication that no call of the transport timed.
 
