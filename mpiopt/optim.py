@@ -44,6 +44,8 @@ def make_schedule(kind: str, lr: float, total_steps: int, warmup_steps: int = 0,
     if kind == "inverse_power" and not (tau0 > 0 and 0.5 < kappa <= 1):
         raise ValueError(f"inverse_power needs tau0 > 0 and kappa in (0.5, 1], got "
                          f"tau0={tau0}, kappa={kappa}")
+    if kind == "constant" and warmup_steps <= 0:
+        return lambda step: lr  # asked every step: the plain case in one call
 
     def base(step: int) -> float:
         if kind == "step" and decay_every > 0:

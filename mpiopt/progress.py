@@ -3,6 +3,7 @@ sent, ETA."""
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 
@@ -14,7 +15,9 @@ class Progress:
 
     The first line appears only after ``every_s`` seconds, so short runs stay silent. The
     latest evaluation's ``metric`` (the problem's headline: ``accuracy``, ``return``...) is
-    shown once there is one.
+    shown once there is one. :attr:`due` is the ``perf_counter`` time from which the next line
+    may be printed (infinite when disabled): the step loop compares its own clock reading with
+    it and calls :meth:`update` only then, so the steps in between pay for one comparison.
     """
 
     def __init__(self, total_steps: int, every_s: float = 2.0, enabled: bool = True,
@@ -28,19 +31,25 @@ class Progress:
         self.metric = metric
         self.label = LABELS.get(metric, metric)
         self.value: float | None = None
+        self.due = self.start + every_s if enabled else math.inf
 
     def note_eval(self, metrics: dict) -> None:
         """Remember the latest evaluation for the next line."""
         self.value = metrics.get(self.metric, self.value)
 
-    def update(self, step: int, loss: float, bytes_sent: int) -> None:
-        """Print a line if the interval has passed since the last one."""
+    def update(self, step: int, loss: float, bytes_sent: int, now: float | None = None) -> None:
+        """Print a line if the interval has passed since the last one.
+
+        ``now`` is the caller's ``perf_counter`` reading, if it has one (read here otherwise).
+        """
         if not self.enabled:
             return
-        now = time.perf_counter()
+        if now is None:
+            now = time.perf_counter()
         if now - self.last < self.every:
             return
         self.last = now
+        self.due = now + self.every
         done = step + 1
         rate = done / max(now - self.start, 1e-9)
         eta = (self.total - done) / rate if rate > 0 else float("inf")

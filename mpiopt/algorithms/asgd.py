@@ -25,10 +25,10 @@ class ASGD(ParameterServer):
             m += g
             g[...] = m
 
-    def apply(self, w, g, worker: int, staleness: int, lr: float) -> None:
+    def apply(self, w, g, worker: int, staleness: int, lr: float, out=None) -> None:
         scratch = self.state.scratch
         self.ctx.xp.multiply(g, lr, out=scratch)
-        w -= scratch
+        self.ctx.xp.subtract(w, scratch, out=w if out is None else out)
 
 
 @ALGORITHMS.register("asgd")

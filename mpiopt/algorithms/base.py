@@ -151,6 +151,7 @@ class Context:
             [seed, 1, workers.index(self.rank)] if self.rank in workers else [seed, 3, self.rank])
         self.init_rng = np.random.default_rng([seed, 0])
         self.steps = cfg.run.steps
+        self.time_limit = cfg.run.time_limit_s
         self.eval_every = cfg.run.eval_every
         self.schedule = cfg.algorithm.make_schedule(cfg.run.expected_steps(self.size))
         self.run_dir = run_dir
@@ -169,7 +170,10 @@ class Context:
         self._calibration: list[float] = []  # compute of the first steps, at full speed
         self._reference: float | None = None  # this rank's compute per step, from them
         self._stalled = 0.0  # seconds of this step spent in an injected stall
-        self._mark = (self.start, 0, 0, 0.0)
+        # The transport's running totals, and their values when the step began: begin_step
+        # and end_step read a few attributes, which is most of what a step's row costs.
+        self._totals = transport.totals
+        self._t0, self._sent0, self._recv0, self._comm0 = self.start, 0, 0, 0.0
 
     # ------------------------------------------------------------------ steps
 
@@ -189,38 +193,37 @@ class Context:
 
     def out_of_time(self) -> bool:
         """Return True when the run's wall-time budget is spent."""
-        limit = self.cfg.run.time_limit_s
+        limit = self.time_limit
         return limit is not None and self.elapsed() >= limit
 
     def begin_step(self, step: int) -> None:
         """Mark the start of ``step``: fire due faults, stamp timers and counters."""
-        t = self.transport
-        t.step = step
-        self._mark = (time.perf_counter(), t.bytes_sent(), t.bytes_recv(), t.comm_seconds())
+        totals = self._totals
+        self.transport.step = step
+        self._sent0, self._recv0, self._comm0 = totals.sent, totals.recv, totals.seconds
+        self._t0 = time.perf_counter()
         if self.faults.faults:
-            t0 = time.perf_counter()
             self.faults.at_step(step)  # a stall counts as this step's compute time
-            self._stalled = time.perf_counter() - t0  # ... but run.slowdown does not scale it
+            self._stalled = time.perf_counter() - self._t0  # ... but run.slowdown does not scale it
 
     def end_step(self, step: int, loss: float, lr: float) -> None:
         """Record the row of ``step`` and report progress; fail on a non-finite loss."""
         if self.strict_loss and not math.isfinite(loss):
             raise NonFiniteError(f"non-finite loss {loss} on rank {self.rank} at step {step} "
                                  "(the model diverged or a gradient was NaN)")
-        t = self.transport
-        t0, sent0, recv0, comm0 = self._mark
         now = time.perf_counter()
-        comm = t.comm_seconds() - comm0
+        totals = self._totals
+        comm = totals.seconds - self._comm0
         if self.slowdown != 1.0:
-            self._slow_down(max(now - t0 - comm - self._stalled, 0.0))
+            self._slow_down(max(now - self._t0 - comm - self._stalled, 0.0))
             now = time.perf_counter()
-        self._stalled = 0.0
-        sent = t.bytes_sent()
-        self.steplog.append(step, now - self.start, loss, lr, sent - sent0,
-                            t.bytes_recv() - recv0, max(now - t0 - comm, 0.0), comm)
+        compute = now - self._t0 - comm
+        sent = totals.sent
+        self.steplog.append(step, now - self.start, loss, lr, sent - self._sent0,
+                            totals.recv - self._recv0, compute if compute > 0.0 else 0.0, comm)
         self.steps_done = step + 1
-        if self.progress.enabled:
-            self.progress.update(step, loss, sent)
+        if now >= self.progress.due:  # infinite when progress lines are off
+            self.progress.update(step, loss, sent, now)
 
     def _slow_down(self, compute: float) -> None:
         """Sleep so that this rank computes ``slowdown`` times as long as it would.
@@ -320,8 +323,10 @@ class ModelAlgorithm(Algorithm):
 
     def local_gradient(self, step: int) -> float:
         """Compute this rank's minibatch gradient into ``self.g``; return the loss."""
-        loss = self.ctx.problem.gradient(self.x, self.ctx.rng, self.g)["loss"]
-        self.ctx.faults.corrupt(step, self.g)
+        ctx = self.ctx
+        loss = ctx.problem.gradient(self.x, ctx.rng, self.g)["loss"]
+        if ctx.faults.faults:
+            ctx.faults.corrupt(step, self.g)
         return loss
 
     def warm_up(self) -> None:
@@ -368,16 +373,17 @@ class SynchronousAlgorithm(ModelAlgorithm):
         ctx = self.ctx
         self.setup()
         self.warm_up()
+        limited = ctx.time_limit is not None
         ctx.restart_clock()
         for step in range(ctx.steps):
             # Every rank must stop at the same step: rank 0's clock decides.
-            if ctx.cfg.run.time_limit_s is not None and self._agree_out_of_time():
+            if limited and self._agree_out_of_time():
                 break
             ctx.begin_step(step)
             lr = ctx.schedule(step)
             loss = self.step(step, lr)
             ctx.end_step(step, loss, lr)
-            if ctx.eval_due(step):
+            if ctx.eval_every and ctx.eval_due(step):
                 ctx.record_eval(step, ctx.evaluated(self.evaluate, step))
         self.finish()
         ctx.final = ctx.evaluated(self.evaluate, ctx.steps_done - 1)
@@ -446,15 +452,16 @@ class AsynchronousAlgorithm(ModelAlgorithm):
         self.setup()
         self.warm_up()
         stop = Termination(ctx.transport, *self.budget(), ctx.elapsed)
+        evaluating = ctx.rank == 0 and ctx.eval_every > 0
         ctx.restart_clock()
         step = 0
-        while not self.stopped and stop.go(step):
+        while not self.stopped and (stop.unbounded or stop.go(step)):
             ctx.begin_step(step)
             lr = ctx.schedule(step)
             loss = self.step(step, lr)
             ctx.end_step(step, loss, lr)
             stop.beat(step + 1)
-            if ctx.rank == 0 and ctx.eval_due(step):
+            if evaluating and ctx.eval_due(step):
                 ctx.record_eval(step, ctx.evaluated(self.evaluate_running, step))
             step += 1
         self.settle()

@@ -82,9 +82,9 @@ class DCASGD(ParameterServer):
         out *= self.diff
         out += g
 
-    def apply(self, w, g, worker: int, staleness: int, lr: float) -> None:
+    def apply(self, w, g, worker: int, staleness: int, lr: float, out=None) -> None:
         xp, scratch = self.ctx.xp, self.state.scratch
-        self.compensate(w, g, self.outbox[worker], scratch)
+        self.compensate(w, g, self.outbox[worker], scratch)  # the backup is read here only
         if self.cfg.momentum:
             if self.velocity[worker] is None:
                 self.velocity[worker] = xp.zeros_like(w)
@@ -93,7 +93,7 @@ class DCASGD(ParameterServer):
             m += scratch
             scratch[...] = m
         scratch *= lr
-        w -= scratch
+        xp.subtract(w, scratch, out=w if out is None else out)
 
 
 @ALGORITHMS.register("dcasgd")

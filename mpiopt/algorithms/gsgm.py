@@ -48,7 +48,7 @@ class GSGM(ParameterServer):
         self.round, self.round_start = 0, time.monotonic()
         self.rounds_of_updates: list[int] = []  # the round of every applied gradient
 
-    def apply(self, w, g, worker: int, staleness: int, lr: float) -> None:
+    def apply(self, w, g, worker: int, staleness: int, lr: float, out=None) -> None:
         xp, scratch = self.ctx.xp, self.state.scratch
         if self.last[worker] is None:
             self.last[worker] = xp.empty_like(w)
@@ -68,7 +68,7 @@ class GSGM(ParameterServer):
         self.momentum *= self.cfg.beta
         self.momentum += direction
         xp.multiply(self.momentum, lr, out=scratch)
-        w -= scratch
+        xp.subtract(w, scratch, out=w if out is None else out)
         self.rounds_of_updates.append(self.round)
 
     def receive(self, k: int, lr: float) -> list[int]:

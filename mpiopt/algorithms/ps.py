@@ -9,7 +9,13 @@ whatever order they arrive, applies each through the method's update rule
 the new model. There is no barrier while training, and the servers never talk to each other:
 each runs the rule on its own range, with its own versions, rounds and queues. Each worker has
 one push in flight at most; a server keeps a receive posted for every worker and takes the
-first to complete (:func:`~mpiopt.comm.transport.wait_any`, under the run's deadline).
+first to complete, under the run's deadline. Every message of training goes between the same
+buffers, so both sides set their operations up once as persistent requests
+(:class:`~mpiopt.comm.transport.RequestSet`) and restart them for every message. With one
+server the rule writes the new model out of place, straight into the buffer the pushing
+worker's answer goes out from, and that buffer becomes the server's model: an answer is copied
+only when its worker gets a model another push produced (a rule that held pushes back, a
+dropped stale gradient).
 
 Versions. The server counts the updates it has applied; it remembers the version it last sent
 to each worker, so the staleness of every gradient it applies (updates applied since the model
@@ -40,10 +46,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from mpiopt.algorithms.base import SERVER, WORKER, AsynchronousAlgorithm, SGDConfig, ranks_of
-from mpiopt.comm.transport import Channel, CommTimeout, wait_all, wait_any
+from mpiopt.comm.transport import SPIN_S, Channel, CommTimeout, wait_all
 from mpiopt.comm.windows import Window
 from mpiopt.config import param
 from mpiopt.errors import ConfigError
+
+_CONTROL = Channel.CONTROL  # a module global: looked up at every message
 
 
 class ParameterServer(AsynchronousAlgorithm):
@@ -75,6 +83,13 @@ class ParameterServer(AsynchronousAlgorithm):
                           for s, (lo, hi) in enumerate(self.bounds)]
             self.answers = [self.x[lo:hi] for lo, hi in self.bounds]
             self.bye = np.zeros(0, np.float32)
+            # The same messages every step: from each server its range of the model or the
+            # stop (an empty CONTROL message), then to each server its part of the push.
+            self.exchange = ctx.transport.requests()
+            for s, part in zip(self.servers, self.answers):
+                self.exchange.recv(part, s, None)
+            for s, part in zip(self.servers, self.parts):
+                self.exchange.send(part, s, Channel.GRADIENT)
 
     def _setup_server(self) -> None:
         ctx = self.ctx
@@ -89,20 +104,26 @@ class ParameterServer(AsynchronousAlgorithm):
         self.state = self.opt.init(self.w)  # the rule's scratch, sized to this range
         self.offset = 1 if ctx.rank == 0 else 0  # only server 0's messages carry the loss
         self.inbox = [np.zeros(size + self.offset, np.float32) for _ in self.workers]
+        self.grads = [box[self.offset:] for box in self.inbox]  # the gradient of each push
         # The model last sent to each worker: at first the initial model every rank holds.
         self.outbox = [self.w.copy() for _ in self.workers]
-        self.replies = [None] * n
-        self.sent_version = np.zeros(n, np.int64)
-        self.applied = np.zeros(n, np.int64)
-        self.dropped = np.zeros(n, np.int64)  # pushes older than algorithm.staleness_bound
+        self.sent_version = [0] * n
+        self.applied = [0] * n
+        self.dropped = [0] * n  # pushes older than algorithm.staleness_bound
         self.version = 0
         self.staleness: list[int] = []  # of every applied gradient, in order
         self.applied_from: list[int] = []  # the worker index of every applied gradient
         self.ending = False  # the budget is spent: every next push is answered with the stop
         self.open = n  # workers not yet told to stop (nor said goodbye)
         self.goodbyes = 0
-        # A push (GRADIENT) or a goodbye (CONTROL): any channel from that worker.
-        self.recvs = [t.irecv(self.inbox[k], w, None) for k, w in enumerate(self.workers)]
+        # Persistent operations, one per worker each way, restarted for every message: a push
+        # (GRADIENT) or a goodbye (CONTROL), any channel from that worker; the model back.
+        self.pushes, self.replies = t.requests(), t.requests()
+        for k, w in enumerate(self.workers):
+            self.pushes.recv(self.inbox[k], w, None)
+            self.replies.send(self.outbox[k], w, Channel.MODEL)
+        self.stops = []  # the handles of the stops sent
+        self.pushes.start_all()
         # The workers check the losses they compute; a server's row holds NaN where it has no
         # loss: on servers other than 0, and in the step that only took the last goodbye.
         ctx.strict_loss = False
@@ -131,8 +152,14 @@ class ParameterServer(AsynchronousAlgorithm):
             self.ctx.xp.multiply(self.x, self.cfg.weight_decay, out=self.state.scratch)
             g += self.state.scratch
 
-    def apply(self, w, g, worker: int, staleness: int, lr: float) -> None:
-        """Apply the gradient ``g`` of worker index ``worker`` to the server's model ``w``."""
+    def apply(self, w, g, worker: int, staleness: int, lr: float, out=None) -> None:
+        """Apply the gradient ``g`` of worker index ``worker`` to the server's model ``w``.
+
+        The new model goes into ``w`` in place, or with ``out`` given into ``out`` (``w`` left
+        as it is). ``out`` is then ``outbox[worker]``, the model last sent to that worker, the
+        buffer its answer goes out from: a rule that reads it (DC-ASGD's backup) does so
+        before it writes ``out``.
+        """
         raise NotImplementedError
 
     def receive(self, k: int, lr: float) -> list[int]:
@@ -164,12 +191,19 @@ class ParameterServer(AsynchronousAlgorithm):
         A gradient staler than ``algorithm.staleness_bound`` (when set) is dropped instead:
         counted, not applied; its worker is answered with the current model all the same.
         """
-        staleness = self.version - int(self.sent_version[k])
+        staleness = self.version - self.sent_version[k]
         bound = self.cfg.staleness_bound
         if bound and staleness > bound:
             self.dropped[k] += 1
             return
-        self.apply(self.w, self.inbox[k][self.offset:], k, staleness, lr)
+        if self.models is None:  # one server: the new model straight into k's answer
+            if self.replies.active[k]:
+                self.replies.wait(k)  # delivered: k pushed again after receiving it
+            out = self.outbox[k]
+            self.apply(self.w, self.grads[k], k, staleness, lr, out)
+            self.x = self.w = out
+        else:  # the model stays in the window that rank 0 reads
+            self.apply(self.w, self.grads[k], k, staleness, lr)
         self.version += 1
         self.applied[k] += 1
         self.staleness.append(staleness)
@@ -184,21 +218,22 @@ class ParameterServer(AsynchronousAlgorithm):
 
     def _worker_step(self, step: int) -> float:
         """Push a gradient at our model; receive the next model (or the stop) into it."""
-        t = self.ctx.transport
         loss = self.local_gradient(step)
         self.prepare(self.g, step)  # self.g is the message's gradient part
         self.push[0] = loss
-        # From each server its range of the model, or the stop (an empty CONTROL message).
-        answers = [t.irecv(part, s, None) for s, part in zip(self.servers, self.answers)]
-        sent = [t.isend(part, s, Channel.GRADIENT) for s, part in zip(self.servers, self.parts)]
-        wait_all(answers)
-        wait_all(sent)
-        told = [a.channel == Channel.CONTROL for a in answers]
-        if any(told):  # the end: a server that answered with a model waits for us again
-            wait_all([t.isend(self.bye, s, Channel.CONTROL)
-                      for s, stop in zip(self.servers, told) if not stop])
-            self.stopped = True
+        exchange = self.exchange
+        exchange.start_all()  # the answers' receives first, then the pushes
+        exchange.wait_all()
+        if _CONTROL in exchange.channel:  # the end: a server that answered with a model...
+            self._leave()
         return loss
+
+    def _leave(self) -> None:
+        """A server answered with the stop: say goodbye to those that answered with a model."""
+        t, told = self.ctx.transport, self.exchange.channel
+        wait_all([t.isend(self.bye, s, Channel.CONTROL)
+                  for k, s in enumerate(self.servers) if told[k] is not _CONTROL])
+        self.stopped = True
 
     def _server_step(self, step: int, lr: float) -> float:
         """Take the next push to arrive; answer the workers the rule releases."""
@@ -220,6 +255,7 @@ class ParameterServer(AsynchronousAlgorithm):
         return self.flush(lr)
 
     GOODBYE_ENDS = True  # a goodbye means another server has ended the run
+    IDLE_SPIN_S = SPIN_S  # a server waiting for pushes polls without sleeping this long first
 
     def _goodbye(self, k: int, lr: float) -> None:
         """Worker ``k`` has left (another server stopped it): this server ends too.
@@ -237,6 +273,17 @@ class ParameterServer(AsynchronousAlgorithm):
 
         Goodbyes are taken here; None once the last open worker has said goodbye.
         """
+        pushes = self.pushes
+        if self.open and self.patience() is None:  # the common case: one plain wait
+            k = pushes.wait_any(self.ctx.transport.timeout, self.IDLE_SPIN_S)
+            if k is not None and pushes.channel[k] is not _CONTROL:
+                return k
+            if k is not None:
+                self._goodbye(k, lr)
+        return self._wait_for_push(lr)
+
+    def _wait_for_push(self, lr: float) -> int | None:
+        """:meth:`_next_push` where the rule may act meanwhile, or workers have left."""
         deadline = time.monotonic() + self.ctx.transport.timeout
         while True:
             if self.open == 0:
@@ -245,18 +292,18 @@ class ParameterServer(AsynchronousAlgorithm):
             left = deadline - time.monotonic()
             try:
                 limit = left if patience is None else min(left, patience)  # 0: act at once
-                k = wait_any(self.recvs, timeout=max(limit, 0.0))
+                k = self.pushes.wait_any(max(limit, 0.0), self.IDLE_SPIN_S)
             except CommTimeout:
                 if patience is None or time.monotonic() >= deadline:
                     raise
                 k = None
-            if k is not None and self.recvs[k].channel == Channel.CONTROL:
+            if k is not None and self.pushes.channel[k] is _CONTROL:
                 self._goodbye(k, lr)
                 continue
             if k is not None:
                 return k
             released = self.on_idle(lr)  # all held back, or a bounded wait ran out
-            if not released and all(h.done for h in self.recvs):
+            if not released and not any(self.pushes.active):
                 raise RuntimeError(f"{self.cfg.NAME}: every worker waits for an answer the "
                                    f"rule holds back (step {self.ctx.transport.step})")
             for j in released:
@@ -264,27 +311,30 @@ class ParameterServer(AsynchronousAlgorithm):
 
     def _answer(self, k: int) -> None:
         """Send worker ``k`` the model (and post its next receive) or the stop."""
-        t, w = self.ctx.transport, self.workers[k]
-        if self.replies[k] is not None:
-            self.replies[k].wait()  # delivered: the worker pushed again after receiving it
+        replies = self.replies
+        if replies.active[k]:
+            replies.wait(k)  # delivered: the worker pushed again after receiving it
         if self.ending:
-            self.replies[k] = t.isend(self.outbox[k][:0], w, Channel.CONTROL)
+            stop = self.ctx.transport.isend(self.outbox[k][:0], self.workers[k], _CONTROL)
+            self.stops.append(stop)
             self.open -= 1
             return
-        self.outbox[k][...] = self.w
+        if self.outbox[k] is not self.w:  # not the buffer the rule wrote this model into
+            self.outbox[k][...] = self.w
         self.sent_version[k] = self.version
-        self.replies[k] = t.isend(self.outbox[k], w, Channel.MODEL)
-        self.recvs[k] = t.irecv(self.inbox[k], w, None)
+        replies.start(k)
+        self.pushes.start(k)
 
     def settle(self) -> None:
         if self.ctx.role == SERVER:
-            for h in self.replies:
-                if h is not None:
-                    h.wait()
+            self.replies.wait_all()
+            wait_all(self.stops)
 
     def finish(self) -> None:
         """Gather the servers' facts and the final model on rank 0; free the window."""
         ctx = self.ctx
+        for requests in ((self.pushes, self.replies) if ctx.role == SERVER else (self.exchange,)):
+            requests.free()
         facts = ctx.transport.allgather_obj(self.server_facts() if ctx.role == SERVER else None)
         self.facts = [f for f in facts if f is not None]
         if self.models is None:
@@ -327,8 +377,8 @@ class ParameterServer(AsynchronousAlgorithm):
         """Return this server's facts for ``summary.json`` (rules add their own)."""
         s = np.asarray(self.staleness, dtype=np.float64)
         return {"updates_applied": int(self.version),
-                "updates_per_worker": self.applied.tolist(),
-                "dropped_stale_per_worker": self.dropped.tolist(),
+                "updates_per_worker": list(self.applied),
+                "dropped_stale_per_worker": list(self.dropped),
                 "goodbyes": self.goodbyes,
                 "staleness": {"mean": float(s.mean()) if s.size else 0.0,
                               "p50": float(np.percentile(s, 50)) if s.size else 0.0,

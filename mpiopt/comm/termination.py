@@ -56,6 +56,10 @@ class Termination:
         self._one = np.ones(1, np.int64)
         self._ticket = None  # the pending request for the next step's ticket
         self.step = 0
+        # No budget at all (a parameter server's ranks, whose end comes from the server): every
+        # step may be taken, and the loop need not ask.
+        self.unbounded = steps is None and time_limit is None and total_steps is None
+        self._sync = self.win.sync
 
     def go(self, step: int) -> bool:
         """Return True if this rank takes step ``step`` (counts it against a total budget).
@@ -84,9 +88,8 @@ class Termination:
 
     def beat(self, steps_done: int) -> None:
         """Show the others that this rank has now taken ``steps_done`` steps."""
-        self.beats[_STEPS] = steps_done
-        self.step = steps_done
-        self.win.sync()
+        self.beats[_STEPS] = self.step = steps_done
+        self._sync()
 
     def wait(self, serve=None) -> None:
         """Finish: wait until every rank has, serving meanwhile; raise if one is stuck.

@@ -12,7 +12,8 @@ Blocking collectives run at full speed; a watchdog thread enforces their deadlin
 job with a message naming the operation, the peer, the channel and the step. Nonblocking
 operations return a :class:`Handle` whose ``wait`` (and ``cancel``) polls with backoff until
 its deadline and then raises :class:`CommTimeout`; :func:`wait_any` and :func:`test_some` do
-the same over many handles, e.g. a parameter server's receives from any source.
+the same over many handles, and a :class:`RequestSet` over persistent operations that are
+started again for every message (a parameter server's receives from its workers).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from mpiopt.comm.handles import (  # noqa: F401  (re-exported: the transport's A
     Channel,
     CommTimeout,
     Handle,
+    RequestSet,
     _backoff,
     _copy_back,
     _Receive,
@@ -43,13 +45,31 @@ from mpiopt.comm.handles import (  # noqa: F401  (re-exported: the transport's A
 DEFAULT_TIMEOUT_S = 300.0
 
 
-@dataclass
+@dataclass(slots=True)
 class ChannelStats:
     """Counters of one channel: bytes by direction and seconds inside MPI."""
 
     sent: int = 0
     recv: int = 0
     seconds: float = 0.0
+
+
+class Totals:
+    """Running totals over every channel: bytes (EVAL's left out) and seconds inside MPI.
+
+    Kept beside the per-channel counters so that the step loop reads three attributes at
+    the start and the end of every step instead of summing channels or calling methods.
+    """
+
+    __slots__ = ("sent", "recv", "seconds")
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self) -> None:
+        """Zero the totals."""
+        self.sent = self.recv = 0
+        self.seconds = 0.0
 
 
 def _nbytes(buf) -> int:
@@ -80,15 +100,18 @@ class _Watchdog:
         self.rank = rank
         self.can_abort = thread_level >= MPI.THREAD_MULTIPLE
         self.current: tuple | None = None
-        self._thread: threading.Thread | None = None
+        self.thread: threading.Thread | None = None
 
-    def arm(self, deadline: float, what: str, peer, channel, step: int, limit: float) -> None:
-        """Watch one blocking call that must end by ``deadline`` (``perf_counter`` time)."""
-        self.current = (deadline, what, peer, channel, step, limit)
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._watch, daemon=True,
-                                            name="mpiopt-watchdog")
-            self._thread.start()
+    def start(self) -> None:
+        """Start the watching thread (once, at the first watched call).
+
+        A call is watched by setting :attr:`current` to ``(deadline, what, peer, channel,
+        step, limit)`` (``deadline`` in ``perf_counter`` time) and back to None after it;
+        :meth:`Transport._call` does that inline, as a method call would cost more than the
+        rest of the arming.
+        """
+        self.thread = threading.Thread(target=self._watch, daemon=True, name="mpiopt-watchdog")
+        self.thread.start()
 
     def _watch(self) -> None:
         while True:
@@ -134,6 +157,7 @@ class Transport:
         self.cuda_aware = cuda_aware
         self.step = -1
         self._parent: Transport | None = None  # a split's parent, charged with its traffic
+        self.totals = Totals()
         self.reset_stats()
         self._watchdog = _Watchdog(MPI.COMM_WORLD.Get_rank(), MPI.Query_thread())
         self.staging = backend.StagingPool()
@@ -147,12 +171,32 @@ class Transport:
         s.seconds += seconds
         # Running totals: the step loop reads them twice a step, summing channels would cost
         # tens of microseconds.
-        self._seconds += seconds
-        if channel is not Channel.EVAL:
-            self._sent += sent
-            self._recv += recv
+        totals = self.totals
+        totals.seconds += seconds
+        if channel is not _EVAL:
+            totals.sent += sent
+            totals.recv += recv
         if self._parent is not None:  # a sub-communicator's traffic is the run's traffic too
             self._parent._charge(channel, sent, recv, seconds)
+
+    def _charge_sent(self, channel: Channel, nbytes: int) -> None:
+        """:meth:`_charge` of a send just started (per message: the shorter path)."""
+        self._slots[channel].sent += nbytes
+        if channel is not _EVAL:
+            self.totals.sent += nbytes
+        if self._parent is not None:
+            self._parent._charge_sent(channel, nbytes)
+
+    def _charge_received(self, channel: Channel, nbytes: int, seconds: float) -> None:
+        """:meth:`_charge` of a receive just completed after ``seconds`` of waiting."""
+        s, totals = self._slots[channel], self.totals
+        s.recv += nbytes
+        s.seconds += seconds
+        totals.seconds += seconds
+        if channel is not _EVAL:
+            totals.recv += nbytes
+        if self._parent is not None:
+            self._parent._charge_received(channel, nbytes, seconds)
 
     def charge_time(self, channel: Channel, seconds: float) -> None:
         """Count ``seconds`` of communication that no call of the transport timed.
@@ -164,15 +208,15 @@ class Transport:
 
     def bytes_sent(self) -> int:
         """Return the bytes the algorithm sent so far (every channel but EVAL)."""
-        return self._sent
+        return self.totals.sent
 
     def bytes_recv(self) -> int:
         """Return the bytes the algorithm received so far (every channel but EVAL)."""
-        return self._recv
+        return self.totals.recv
 
     def comm_seconds(self) -> float:
         """Return the seconds spent inside MPI calls so far."""
-        return self._seconds
+        return self.totals.seconds
 
     def reset_stats(self) -> None:
         """Zero every channel's counters."""
@@ -180,8 +224,7 @@ class Transport:
         # ``stats`` maps each Channel to the same objects for readers.
         self._slots = [ChannelStats() for _ in range(max(Channel) + 1)]
         self.stats = {c: self._slots[c] for c in Channel}
-        self._sent = self._recv = 0
-        self._seconds = 0.0
+        self.totals.clear()  # in place: readers may hold the object
 
     # ----------------------------------------------------------------- GPU safety
 
@@ -218,9 +261,11 @@ class Transport:
     def _call(self, what: str, peer, channel: Channel, sent: int, recv: int, fn, *args,
               **kwargs):
         """Run one blocking MPI call under the watchdog's deadline and charge its channel."""
-        dog = self._watchdog
+        dog, limit = self._watchdog, self.timeout
         t0 = time.perf_counter()
-        dog.arm(t0 + self.timeout, what, peer, channel, self.step, self.timeout)
+        dog.current = (t0 + limit, what, peer, channel, self.step, limit)
+        if dog.thread is None:
+            dog.start()
         try:
             return fn(*args, **kwargs)
         finally:
@@ -236,11 +281,12 @@ class Transport:
         them: ``2 (n-1)/n`` times the buffer, each way.
         """
         n = self.size
-        moved = int(2 * (n - 1) * _nbytes(buf) / n)
-        host = self._host(buf)
+        moved = int(2 * (n - 1) * buf.nbytes / n)
+        host = buf if type(buf) is np.ndarray else self._host(buf)  # the common case first
         self._call("allreduce", "all", channel, moved, moved, self.comm.Allreduce, MPI.IN_PLACE,
-                   host, op=_OPS[op])
-        self._back(buf, host)
+                   host, _OPS[op])
+        if host is not buf:
+            self._back(buf, host)
         return buf
 
     def bcast(self, buf, root: int = 0, channel: Channel = Channel.MODEL):
@@ -407,6 +453,10 @@ class Transport:
                               tag=MPI.ANY_TAG if channel is None else int(channel))
         return _Receive(self, req, buf, host, source, channel)
 
+    def requests(self) -> RequestSet:
+        """Return an empty set of persistent operations on this transport (host buffers)."""
+        return RequestSet(self)
+
     def sendrecv(self, sendbuf, dest: int, recvbuf, source: int, channel: Channel) -> None:
         """Exchange buffers with two peers (possibly the same) under the deadline."""
         handles = [self.irecv(recvbuf, source, channel), self.isend(sendbuf, dest, channel)]
@@ -445,6 +495,8 @@ class Transport:
         if self.comm != MPI.COMM_NULL and self.comm != MPI.COMM_WORLD:
             self.comm.Free()
 
+
+_EVAL = Channel.EVAL  # a module global: an enum member is slower to look up on its class
 
 _OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "prod": MPI.PROD,
         "lor": MPI.LOR, "land": MPI.LAND, "bor": MPI.BOR}

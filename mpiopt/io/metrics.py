@@ -36,6 +36,10 @@ STEP_DTYPE = np.dtype(STEP_FIELDS)
 class StepLog:
     """A per-rank, chunked, append-only table of step rows backed by an HDF5 file.
 
+    Rows are buffered column by column in preallocated Python lists: a row is eight list
+    stores (about 0.2 us), where assigning it to a numpy structured row converts each field
+    (about 0.4 us); a full chunk becomes numpy arrays once, when it is written.
+
     Args:
         path: the rank's own HDF5 file.
         chunk: rows buffered in memory before they are appended to the file.
@@ -43,35 +47,54 @@ class StepLog:
 
     def __init__(self, path: str, chunk: int = 4096):
         self.path = path
-        self.buffer = np.zeros(chunk, dtype=STEP_DTYPE)
+        self.chunk = chunk
+        self.columns = [[0] * chunk for _ in STEP_FIELDS]
+        (self._step, self._time, self._loss, self._lr, self._sent, self._recv, self._compute,
+         self._comm) = self.columns
         self.fill = 0
         self.rows = 0
-        self.compute_s = 0.0  # running totals, so the summary needs no re-read of the file
-        self.comm_s = 0.0
+        self._compute_s = 0.0  # totals of the rows already written
+        self._comm_s = 0.0
         self.file = h5py.File(path, "w")
-        for name, dtype in STEP_FIELDS:
-            self.file.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype,
-                                     chunks=(min(chunk, 65536),))
+        self.datasets = [self.file.create_dataset(name, shape=(0,), maxshape=(None,),
+                                                  dtype=dtype, chunks=(min(chunk, 65536),))
+                         for name, dtype in STEP_FIELDS]
 
     def append(self, step, time, loss, lr, bytes_sent, bytes_recv, compute_s, comm_s) -> None:
         """Record one step; flushes to the file when the buffer is full."""
-        self.buffer[self.fill] = (step, time, loss, lr, bytes_sent, bytes_recv, compute_s,
-                                  comm_s)
-        self.fill += 1
-        self.compute_s += compute_s
-        self.comm_s += comm_s
-        if self.fill == len(self.buffer):
+        i = self.fill
+        self._step[i] = step
+        self._time[i] = time
+        self._loss[i] = loss
+        self._lr[i] = lr
+        self._sent[i] = bytes_sent
+        self._recv[i] = bytes_recv
+        self._compute[i] = compute_s
+        self._comm[i] = comm_s
+        self.fill = i = i + 1
+        if i == self.chunk:
             self.flush()
+
+    @property
+    def compute_s(self) -> float:
+        """Seconds of computation over every row so far (the summary's, without a re-read)."""
+        return self._compute_s + sum(self._compute[: self.fill])
+
+    @property
+    def comm_s(self) -> float:
+        """Seconds of communication over every row so far."""
+        return self._comm_s + sum(self._comm[: self.fill])
 
     def flush(self) -> None:
         """Append the buffered rows to the file."""
         if not self.fill:
             return
-        new = self.rows + self.fill
-        for name, _ in STEP_FIELDS:
-            ds = self.file[name]
+        n, new = self.fill, self.rows + self.fill
+        for ds, column, (_, dtype) in zip(self.datasets, self.columns, STEP_FIELDS):
             ds.resize((new,))
-            ds[self.rows:new] = self.buffer[name][: self.fill]
+            ds[self.rows:new] = np.fromiter(column, dtype, n)
+        self._compute_s += sum(self._compute[:n])
+        self._comm_s += sum(self._comm[:n])
         self.rows, self.fill = new, 0
         self.file.flush()
 

@@ -16,6 +16,11 @@ from oracles import dcasgd_step as oracle  # noqa: E402  (shared with check_dcas
 F32 = np.float32
 
 
+def requests():
+    """Stand in for a transport's set of persistent operations: the rule needs none."""
+    return SimpleNamespace(recv=lambda *a: None, send=lambda *a: None, start_all=lambda: None)
+
+
 def server(d=64, workers=2, seed=0, **keys):
     """Return DC-ASGD's server object (rank 0 of 1 + ``workers``), its model random."""
     from mpiopt.algorithms.dcasgd import DCASGDConfig
@@ -24,7 +29,7 @@ def server(d=64, workers=2, seed=0, **keys):
     cfg = build_section(DCASGDConfig, keys, "algorithm")
     ctx = SimpleNamespace(xp=np, rank=0, role="server", roles=("server",) + ("worker",) * workers,
                           init_rng=None, problem=SimpleNamespace(init=lambda rng: x0.copy()),
-                          transport=SimpleNamespace(irecv=lambda *a: None))
+                          transport=SimpleNamespace(requests=requests))
     alg = cfg.build(ctx)
     alg.setup()
     return alg
@@ -95,6 +100,22 @@ def test_a_sequence_of_pushes_from_two_workers(adaptive, momentum):
         assert same_bits(alg.x, w_new), t
         w = w_new
         alg.outbox[k][...] = sent[k] = w.copy()  # the engine's answer to worker k
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_out_of_place_into_the_backup_equals_in_place(adaptive):
+    # With one server the engine has the rule write the new model into the worker's answer
+    # buffer, which holds that worker's backup: it must be read before it is overwritten.
+    alg = server(adaptive=adaptive, lr=0.05)
+    w, g, b = vectors(alg.d, seed=4)
+    in_place = w.copy()
+    alg.outbox[1][...] = b
+    alg.apply(in_place, g.copy(), 1, 2, 0.05)
+    other = server(adaptive=adaptive, lr=0.05)
+    other.outbox[1][...] = b
+    got = w.copy()
+    other.apply(got, g.copy(), 1, 2, 0.05, out=other.outbox[1])
+    assert same_bits(other.outbox[1], in_place) and np.array_equal(got, w)
 
 
 def test_lam_zero_is_asgd():

@@ -5,6 +5,7 @@ Run as ``mpiexec -n N python -m mpi4py check_comm.py``: an assertion on any rank
 
 import os
 import time
+from functools import partial
 
 import numpy as np
 
@@ -182,6 +183,81 @@ def check_wait_any_deadline():
     assert all(h.cancel() for h in handles)
     assert wait_any(handles) is None
     t.step = -1
+
+
+def check_request_set():
+    """Persistent operations restarted for every message: data, sources, channels and bytes."""
+    right, left = (r + 1) % n, (r - 1) % n
+    got, out = np.zeros(4), np.zeros(4)
+    ring = t.requests()
+    assert ring.recv(got, left, None) == 0 and ring.send(out, right, Channel.GOSSIP) == 1
+    t.reset_stats()
+    for i in range(5):
+        out[:] = 10 * r + i
+        ring.start_all()
+        assert t.stats[Channel.GOSSIP].sent == 32 * (i + 1)  # a send counts when started
+        ring.wait_all(timeout=20)
+        assert np.all(got == 10 * left + i) and not any(ring.active)
+        assert ring.source[0] == left and ring.channel[0] is Channel.GOSSIP
+        assert ring.nbytes[0] == 32 and t.stats[Channel.GOSSIP].recv == 32 * (i + 1)
+    ring.wait_all()  # nothing active: returns at once
+    assert ring.wait_any() is None
+    ring.free()
+    t.barrier()
+    # Every other rank sends rank 0 three messages (small: they go out without being taken),
+    # all there before rank 0 looks. It takes them with wait_any, restarting each receive
+    # once reported: each is reported once, with its size, and in turn: a receive restarted
+    # onto a message already there does not jump the queue of those completed before it.
+    if r == 0:
+        bufs = [np.zeros(n) for _ in range(n - 1)]
+        inbox = t.requests()
+        for q, buf in enumerate(bufs):
+            inbox.recv(buf, q + 1, None)
+        inbox.start_all()
+        t.barrier()
+        seen = []
+        while len(seen) < 3 * (n - 1):
+            k = inbox.wait_any(timeout=20)
+            assert k is not None and inbox.source[k] == k + 1 and inbox.nbytes[k] == 8 * (k + 1)
+            assert bufs[k][0] == k + 1 and inbox.channel[k] is Channel.MODEL
+            seen.append(k)
+            if seen.count(k) < 3:
+                inbox.start(k)
+        assert seen == list(range(n - 1)) * 3 and inbox.wait_any() is None, seen
+        inbox.free()
+    else:
+        mine = t.requests()
+        mine.send(np.full(r, float(r)), 0, Channel.MODEL)
+        for _ in range(3):
+            mine.start_all()
+            mine.wait_all(timeout=20)
+        mine.free()
+        t.barrier()
+    t.barrier()
+
+
+def check_request_set_deadlines():
+    """Waits on persistent receives nobody answers raise at their deadlines, naming each."""
+    t.step = 13
+    left = (r - 1) % n
+    idle = t.requests()
+    idle.recv(np.zeros(1), left, Channel.EVAL)
+    idle.recv(np.zeros(1), None, None)
+    idle.start_all()
+    t.step = 14
+    for wait, what in ((idle.wait_any, "wait_any timed out after 0.2 s at step 14 waiting for"),
+                       (idle.wait_all, "wait_all timed out after 0.2 s at step 14 waiting for"),
+                       (partial(idle.wait, 1), "receive timed out after 0.2 s")):
+        t0 = time.monotonic()
+        _expect_timeout(partial(wait, timeout=0.2), [what, "(peer any, tag any, step 13)"])
+        assert 0.2 <= time.monotonic() - t0 < 5.0
+    _expect_timeout(lambda: idle.wait_any(timeout=0.2), [f"receive (peer {left}, tag EVAL, "
+                                                         "step 13)"])
+    assert all(idle.active)
+    idle.free()  # cancels both
+    assert not any(idle.active) and idle.nbytes == [None, None]
+    t.step = -1
+    t.barrier()
 
 
 def check_iallreduce():
@@ -427,7 +503,8 @@ def check_split():
 REMOTE = os.environ.get("MPIR_CVAR_NOLOCAL") == "1"  # one-sided needs the target's progress
 checks = [check_allreduce, check_collectives, check_point_to_point,
           check_received_bytes_are_what_arrived, check_cancel, check_any_source,
-          check_any_channel_wait, check_wait_any_deadline, check_iallreduce, check_deadline,
+          check_any_channel_wait, check_wait_any_deadline, check_request_set,
+          check_request_set_deadlines, check_iallreduce, check_deadline,
           check_window_epoch, check_window_locks, lambda: check_fetch_and_add(_rma_counters),
           check_shared, lambda: check_fetch_and_add(_shared_counters), check_inbox, check_board,
           check_split]

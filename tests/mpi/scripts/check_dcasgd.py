@@ -1,7 +1,8 @@
 """DC-ASGD on real ranks: every update the server applies, replayed by a numpy oracle.
 
 The server's rule is wrapped to record, for every applied gradient, the model before and
-after, the pushed gradient, the pushing worker and the staleness the engine gives it. After
+after (in place, or out of place into the worker's answer buffer as the engine does with one
+server), the pushed gradient, the pushing worker and the staleness the engine gives it. After
 the run the server replays the whole sequence with its own state (model, mean square,
 momentum per worker) from the initial model: the backup of each gradient is taken from the
 replay's own history of models, at the version the engine says the gradient was computed at
@@ -24,10 +25,10 @@ RECORDS = []
 rule = DCASGD.apply
 
 
-def recording(self, w, g, worker, staleness, lr):
+def recording(self, w, g, worker, staleness, lr, out=None):
     before = w.copy()
-    rule(self, w, g, worker, staleness, lr)
-    RECORDS.append((before, g.copy(), worker, staleness, lr, w.copy()))
+    rule(self, w, g, worker, staleness, lr, out)
+    RECORDS.append((before, g.copy(), worker, staleness, lr, (w if out is None else out).copy()))
 
 
 DCASGD.apply = recording
