@@ -30,7 +30,6 @@ import numpy as np
 STEP_FIELDS = [("step", np.int64), ("time", np.float64), ("loss", np.float32),
                ("lr", np.float32), ("bytes_sent", np.int64), ("bytes_recv", np.int64),
                ("compute_s", np.float64), ("comm_s", np.float64)]
-STEP_DTYPE = np.dtype(STEP_FIELDS)
 
 
 class StepLog:

@@ -27,6 +27,19 @@ def test_steplog_flushes_in_chunks_with_flat_memory(tmp_path):
         assert np.array_equal(f["step"][()], np.arange(20000))
 
 
+def test_steplog_totals_and_types_across_chunks(tmp_path):
+    log = StepLog(str(tmp_path / "r.h5"), chunk=8)
+    for i in range(21):  # two chunks written, five rows still buffered
+        log.append(i, i * 0.5, np.float32(1.5), 0.1, 100 * i, 7, 0.25, 0.125)
+    assert (log.rows, log.fill) == (16, 5)
+    assert log.compute_s == 21 * 0.25 and log.comm_s == 21 * 0.125
+    log.close()
+    with h5py.File(tmp_path / "r.h5") as f:
+        assert [f[name].dtype for name, _ in STEP_FIELDS] == [dtype for _, dtype in STEP_FIELDS]
+        assert f["bytes_sent"][()].tolist() == [100 * i for i in range(21)]
+        assert np.all(f["loss"][()] == 1.5) and f["time"][20] == 10.0
+
+
 def test_merge_builds_the_contract_layout(tmp_path):
     (tmp_path / ".ranks").mkdir()
     for r in range(3):

@@ -20,13 +20,16 @@ def test_lines_are_rate_limited_and_complete(monkeypatch):
                         "ETA 8s")
     assert lines[1].startswith("step 50/100 (50%) | loss 0.2000 | acc 0.8750 |")
     assert len(lines) == 2
+    assert p.due == 7.1  # the step loop calls update only from then on
+    p.update(60, 0.1, 6_000_000, now=7.0)  # the caller's own clock reading: too early
+    assert len(out.getvalue().splitlines()) == 2
 
 
 def test_disabled_prints_nothing():
     out = io.StringIO()
     p = Progress(10, every_s=1e-9, enabled=False, stream=out)
     p.update(5, 1.0, 0)
-    assert out.getvalue() == ""
+    assert out.getvalue() == "" and p.due == float("inf")
 
 
 def test_perplexity_is_shown_without_accuracy(monkeypatch):

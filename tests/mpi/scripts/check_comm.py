@@ -245,13 +245,13 @@ def check_request_set_deadlines():
     idle.recv(np.zeros(1), None, None)
     idle.start_all()
     t.step = 14
-    for wait, what in ((idle.wait_any, "wait_any timed out after 0.2 s at step 14 waiting for"),
-                       (idle.wait_all, "wait_all timed out after 0.2 s at step 14 waiting for"),
-                       (partial(idle.wait, 1), "receive timed out after 0.2 s")):
+    for wait, what in ((idle.wait_any, "wait_any timed out after 0.1 s at step 14 waiting for"),
+                       (idle.wait_all, "wait_all timed out after 0.1 s at step 14 waiting for"),
+                       (partial(idle.wait, 1), "receive timed out after 0.1 s")):
         t0 = time.monotonic()
-        _expect_timeout(partial(wait, timeout=0.2), [what, "(peer any, tag any, step 13)"])
-        assert 0.2 <= time.monotonic() - t0 < 5.0
-    _expect_timeout(lambda: idle.wait_any(timeout=0.2), [f"receive (peer {left}, tag EVAL, "
+        _expect_timeout(partial(wait, timeout=0.1), [what, "(peer any, tag any, step 13)"])
+        assert 0.1 <= time.monotonic() - t0 < 5.0
+    _expect_timeout(lambda: idle.wait_any(timeout=0.1), [f"receive (peer {left}, tag EVAL, "
                                                          "step 13)"])
     assert all(idle.active)
     idle.free()  # cancels both
