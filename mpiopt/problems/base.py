@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
+
 from mpiopt.config import Section
 
 
@@ -83,3 +85,36 @@ class Problem:
         ``infos`` are every rank's :meth:`info`, in rank order; ``wall_time_s`` the run's.
         """
         return {}
+
+
+class EpochBatches:
+    """Minibatches of a problem's ``n_train`` samples, epoch by epoch in a shuffled order.
+
+    A problem sets ``n_train`` and ``batch_size`` and calls :meth:`_reset_batches` once. The
+    warm-up computes :attr:`WARM_CALLS` gradients on a throwaway stream and restores the order,
+    so that the run draws exactly the batches it would have drawn without it.
+    """
+
+    WARM_CALLS = 16
+    n_train: int
+    batch_size: int
+
+    def _reset_batches(self) -> None:
+        self._order, self._pos = None, 0
+
+    def _next_indices(self, rng):
+        """Return the sorted indices of the next minibatch (a new permutation per epoch)."""
+        if self._order is None or self._pos + self.batch_size > self.n_train:
+            self._order = rng.permutation(self.n_train)
+            self._pos = 0
+        idx = self._order[self._pos: self._pos + self.batch_size]
+        self._pos += self.batch_size
+        return np.sort(idx)
+
+    def warm_up(self, x, out, calls: int | None = None) -> None:
+        """Compute gradients on a throwaway stream; the minibatch order is restored."""
+        saved = self._order, self._pos
+        rng = np.random.default_rng(0)
+        for _ in range(self.WARM_CALLS if calls is None else calls):
+            self.gradient(x, rng, out)
+        self._order, self._pos = saved

@@ -14,10 +14,10 @@ import numpy as np
 from mpiopt.config import param
 from mpiopt.errors import ConfigError
 from mpiopt.problems import PROBLEMS
-from mpiopt.problems.base import Problem, ProblemConfig
+from mpiopt.problems.base import EpochBatches, Problem, ProblemConfig
 
 
-class DenseNet(Problem):
+class DenseNet(EpochBatches, Problem):
     """A fully connected ReLU network with a softmax cross-entropy loss.
 
     Args:
@@ -43,7 +43,7 @@ class DenseNet(Problem):
         self.n_train = int(shard.x_train.shape[0])
         self.x_test = None if shard.x_test is None else xp.asarray(shard.x_test, self.dtype)
         self.y_test = None if shard.y_test is None else xp.asarray(shard.y_test)
-        self._order, self._pos = None, 0
+        self._reset_batches()
         self._views: list = []  # (vector, its views), most recent first
         self._rows: dict = {}  # batch size -> arange(batch size)
 
@@ -79,13 +79,8 @@ class DenseNet(Problem):
         return self.xp.asarray(x)
 
     def _batch(self, rng):
-        """Return the next minibatch indices of an epoch-wise shuffled order."""
-        if self._order is None or self._pos + self.batch_size > self.n_train:
-            self._order = rng.permutation(self.n_train)
-            self._pos = 0
-        idx = self._order[self._pos: self._pos + self.batch_size]
-        self._pos += self.batch_size
-        return self.xp.asarray(np.sort(idx))
+        """Return the next minibatch indices (:class:`EpochBatches`), on the device."""
+        return self.xp.asarray(self._next_indices(rng))
 
     def forward(self, flat, inputs):
         """Return the logits and the activations of every layer (inputs first)."""
@@ -135,14 +130,6 @@ class DenseNet(Problem):
                 delta = delta @ layers[i][0].T
                 delta *= acts[i] > 0
         return {"loss": float(loss)}
-
-    def warm_up(self, x, out, calls: int = 16) -> None:
-        """Compute gradients on a throwaway stream; the minibatch order is restored."""
-        saved = self._order, self._pos
-        rng = np.random.default_rng(0)
-        for _ in range(calls):
-            self.gradient(x, rng, out)
-        self._order, self._pos = saved
 
     def evaluate(self, x, batch: int = 4096) -> dict:
         """Return the test loss and accuracy of ``x`` (on the ranks that hold the test set)."""
