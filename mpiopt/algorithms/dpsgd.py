@@ -47,7 +47,6 @@ import numpy as np
 from mpiopt.algorithms import ALGORITHMS
 from mpiopt.algorithms.base import SERVER, WORKER, ranks_of
 from mpiopt.algorithms.ps import ParameterServer, ServerKeys
-from mpiopt.comm.transport import Channel, wait_all
 from mpiopt.comm.windows import ProgressThread, SharedWindow
 from mpiopt.config import param
 from mpiopt.errors import ConfigError
@@ -95,6 +94,13 @@ class DPSGD(ParameterServer):
 
     def clients(self) -> list[int]:
         return self.leaders
+
+    def answer_buffer(self) -> list:
+        """A leader pulls the model into ``pulled``, then folds it into the node's copy."""
+        if self.node.rank != 0:
+            return super().answer_buffer()  # never started: only leaders exchange
+        self.pulled = np.empty(self.d, np.float32)
+        return [self.pulled[lo:hi] for lo, hi in self.bounds]
 
     def apply(self, w, g, worker: int, staleness: int, lr: float, out=None) -> None:
         np.add(w, g, out=w if out is None else out)  # a node's change: lr applied by its cores
@@ -151,8 +157,6 @@ class DPSGD(ParameterServer):
         self.schedule = cfg.make_schedule(total)
         if self.leader:
             self.base = self.x.copy()  # the model as last pulled
-            self.pulled = np.empty(d, np.float32)
-            self.pulled_parts = [self.pulled[lo:hi] for lo, hi in self.bounds]
             self.node_steps_at_push = 0
             self.losses: list[float] = []
             self.gone = False  # said goodbye
@@ -174,9 +178,7 @@ class DPSGD(ParameterServer):
         self.overlap += overlapped
         for th in self.threads:
             th.check()
-        self.mark[_OVERLAP] = self.overlap + sum(th.overlap for th in self.threads)
-        # After the steps' writes (see _exchange): this thread's and the other cores' here.
-        self.mark[_STEPS] = step + 1 + sum(th.steps for th in self.threads)
+        self._store_counts(step + 1)  # after the steps' writes (see _exchange)
         if self.node.size > 1:
             self.marks.sync()  # a memory barrier: the write is visible before the count
         if self.leader:
@@ -184,6 +186,12 @@ class DPSGD(ParameterServer):
             if (step + 1) % self.cfg.local_steps == 0:
                 self._exchange()
         return loss
+
+    def _store_counts(self, own: int) -> None:
+        """Show the node this rank's steps (``own`` of its main thread, and its threads')
+        and its overlapping writes."""
+        self.mark[_OVERLAP] = self.overlap + sum(th.overlap for th in self.threads)
+        self.mark[_STEPS] = own + sum(th.steps for th in self.threads)
 
     def rate(self, own: int) -> float:
         """The learning rate of a core's step: by its own step count ``own``, or (``clock:
@@ -207,18 +215,14 @@ class DPSGD(ParameterServer):
 
     def _exchange(self) -> None:
         """Push the node's change since the last pull; fold the answer into the shared copy."""
-        t = self.ctx.transport
         self.push[0] = np.mean(self.losses) if self.losses else np.nan
         self.losses = []
         # Counted before the change is read: a core stores its step, then counts it, so every
         # step counted here is in the change (later ones may be too, and go again next time).
         self.node_steps_at_push = self._node_steps()
         np.subtract(self.v, self.base, out=self.g)  # delta, in the push's gradient part
-        answers = [t.irecv(part, s, Channel.MODEL)
-                   for s, part in zip(self.servers, self.pulled_parts)]
-        sent = [t.isend(part, s, Channel.GRADIENT) for s, part in zip(self.servers, self.parts)]
-        wait_all(answers)
-        wait_all(sent)
+        self.exchange.start_all()  # the engine's worker messages: answers into self.pulled
+        self.exchange.wait_all()
         # v_p <- v_p + (v - base - delta): what the cores did meanwhile is kept.
         np.subtract(self.pulled, self.base, out=self.base)
         self.base -= self.g
@@ -255,8 +259,7 @@ class DPSGD(ParameterServer):
                 th.halt.set()
         for th in self.threads:
             th.finish()
-        self.mark[_OVERLAP] = self.overlap + sum(th.overlap for th in self.threads)
-        self.mark[_STEPS] = self.ctx.steps_done + sum(th.steps for th in self.threads)
+        self._store_counts(self.ctx.steps_done)
         self.mark[_DONE] = 1
         self.marks.sync()
 
@@ -264,14 +267,13 @@ class DPSGD(ParameterServer):
         """A leader whose own steps are done: push for the node's other cores, then leave."""
         if self.ctx.role == SERVER or not self.leader or self.gone:
             return
-        self.mark[_STEPS] = self.ctx.steps_done + sum(th.steps for th in self.threads)
+        self._store_counts(self.ctx.steps_done)
         done = self._node_done()  # every core's last step is stored before it says so
         new = self._node_steps() - self.node_steps_at_push  # steps not surely pushed yet
         if new >= self.cfg.local_steps or (done and new):
             self._exchange()
         if done:
-            t = self.ctx.transport
-            wait_all([t.isend(self.bye, s, Channel.CONTROL) for s in self.servers])
+            self.say_goodbye(self.servers)
             self.gone = True
 
     def finish(self) -> None:

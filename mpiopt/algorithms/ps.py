@@ -81,7 +81,7 @@ class ParameterServer(AsynchronousAlgorithm):
             # Server s gets push[1 + lo_s : 1 + hi_s]; server 0's message starts at the loss.
             self.parts = [self.push[(1 + lo if s else 0): 1 + hi]
                           for s, (lo, hi) in enumerate(self.bounds)]
-            self.answers = [self.x[lo:hi] for lo, hi in self.bounds]
+            self.answers = self.answer_buffer()
             self.bye = np.zeros(0, np.float32)
             # The same messages every step: from each server its range of the model or the
             # stop (an empty CONTROL message), then to each server its part of the push.
@@ -90,6 +90,10 @@ class ParameterServer(AsynchronousAlgorithm):
                 self.exchange.recv(part, s, None)
             for s, part in zip(self.servers, self.parts):
                 self.exchange.send(part, s, Channel.GRADIENT)
+
+    def answer_buffer(self) -> list:
+        """Return where a worker receives each server's range of the model (its own model)."""
+        return [self.x[lo:hi] for lo, hi in self.bounds]
 
     def _setup_server(self) -> None:
         ctx = self.ctx
@@ -230,10 +234,14 @@ class ParameterServer(AsynchronousAlgorithm):
 
     def _leave(self) -> None:
         """A server answered with the stop: say goodbye to those that answered with a model."""
-        t, told = self.ctx.transport, self.exchange.channel
-        wait_all([t.isend(self.bye, s, Channel.CONTROL)
-                  for k, s in enumerate(self.servers) if told[k] is not _CONTROL])
+        told = self.exchange.channel
+        self.say_goodbye([s for k, s in enumerate(self.servers) if told[k] is not _CONTROL])
         self.stopped = True
+
+    def say_goodbye(self, servers) -> None:
+        """Tell ``servers`` that this worker pushes no more (an empty CONTROL message each)."""
+        t = self.ctx.transport
+        wait_all([t.isend(self.bye, s, Channel.CONTROL) for s in servers])
 
     def _server_step(self, step: int, lr: float) -> float:
         """Take the next push to arrive; answer the workers the rule releases."""
