@@ -206,9 +206,14 @@ class Context:
             self.faults.at_step(step)  # a stall counts as this step's compute time
             self._stalled = time.perf_counter() - self._t0  # ... but run.slowdown does not scale it
 
-    def end_step(self, step: int, loss: float, lr: float) -> None:
-        """Record the row of ``step`` and report progress; fail on a non-finite loss."""
-        if self.strict_loss and not math.isfinite(loss):
+    def end_step(self, step: int, loss: float | None, lr: float) -> None:
+        """Record the row of ``step`` and report progress; fail on a non-finite loss.
+
+        ``loss`` None: the step computed no loss (an idle slot); its row holds NaN.
+        """
+        if loss is None:
+            loss = math.nan
+        elif self.strict_loss and not math.isfinite(loss):
             raise NonFiniteError(f"non-finite loss {loss} on rank {self.rank} at step {step} "
                                  "(the model diverged or a gradient was NaN)")
         now = time.perf_counter()

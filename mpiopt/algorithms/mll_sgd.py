@@ -35,7 +35,6 @@ graph every ``H[j, d] = b_j``, so one hub round gives every hub the weighted glo
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -43,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from mpiopt.algorithms import ALGORITHMS
-from mpiopt.algorithms.base import NonFiniteError, SGDConfig, SynchronousAlgorithm
+from mpiopt.algorithms.base import SGDConfig, SynchronousAlgorithm
 from mpiopt.comm.topology import build_topology
 from mpiopt.comm.transport import Channel, wait_all
 from mpiopt.config import param
@@ -168,17 +167,13 @@ class MLLSGD(SynchronousAlgorithm):
             self.mixed = np.empty_like(self.x)
         self.taken = 0  # slots in which this worker stepped
         self.waited = 0.0  # seconds in sub-network and hub rounds
-        ctx.strict_loss = False  # an idle slot has no loss (NaN); steps are checked below
-        self.loss = float("nan")
 
-    def step(self, step: int, lr: float) -> float:
+    def step(self, step: int, lr: float) -> float | None:
+        """A slot: maybe a step (its loss; None when this worker idles), maybe a round."""
         cfg = self.cfg
-        loss = float("nan")
+        loss = None
         if cfg.wait or self.coins.random() < self.p:
             loss = self.local_gradient(step)
-            if not math.isfinite(loss):
-                raise NonFiniteError(f"non-finite loss {loss} on rank {self.ctx.rank} at slot "
-                                     f"{step} (the model diverged or a gradient was NaN)")
             self.opt.apply(self.x, self.g, self.state, lr)
             self.taken += 1
         if (step + 1) % cfg.tau == 0:
