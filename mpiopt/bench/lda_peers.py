@@ -44,13 +44,12 @@ LAYOUTS = (("1 node x 1 core", 2, 1), ("1 node x 2 cores", 3, 2), ("2 nodes x 1 
 
 
 def _corpus(data: str, topics: int):
-    from mpiopt.problems.lda import corpus_arrays
-
+    """Return the training and held-out documents of ``data`` as a run loads them."""
     cfg = config_from_dict({"problem": {"name": "lda", "n_topics": topics},
                             "data": {"name": data, "batch_size": 128},
                             "algorithm": {"name": "allreduce"}})
     shard = cfg.data.load(0, 1, cfg.run.seed, with_test=True)
-    return shard.x_train, shard.x_test, corpus_arrays
+    return shard.x_train, shard.x_test
 
 
 def _csr(corpus):
@@ -60,7 +59,7 @@ def _csr(corpus):
                       shape=corpus.shape)
 
 
-def _sklearn(train, test, topics, passes, seed, score):
+def _sklearn(train, topics, passes, seed, score):
     try:
         from sklearn.decomposition import LatentDirichletAllocation
     except ImportError:
@@ -83,7 +82,7 @@ def _sklearn(train, test, topics, passes, seed, score):
     return rows
 
 
-def _gensim(train, test, topics, passes, workers, seed, score):
+def _gensim(train, topics, passes, workers, seed, score):
     try:
         from gensim.models import LdaMulticore
     except ImportError:
@@ -128,7 +127,7 @@ def run(data: str = "news", topics: int = 20, passes: int = 5, seed: int = 0,
         json_path: str | None = None) -> dict:
     from mpiopt.problems.lda import completion_perplexity
 
-    train, test, _ = _corpus(data, topics)
+    train, test = _corpus(data, topics)
 
     def score(topic_word) -> float:
         return completion_perplexity(topic_word, test, 1 / topics)
@@ -137,13 +136,13 @@ def run(data: str = "news", topics: int = 20, passes: int = 5, seed: int = 0,
            "words": int(train.shape[1]), "held_out": len(test)}
     print(f"{data}: {len(train)} training documents, {len(test)} held out, "
           f"{train.shape[1]} words, K = {topics}", flush=True)
-    sk = _sklearn(train, test, topics, passes, seed, score)
+    sk = _sklearn(train, topics, passes, seed, score)
     out["sklearn"] = sk
     for p, t, ppl in sk:
         print(f"  scikit-learn online   pass {p}: {ppl:8.1f} after {t:6.1f} s", flush=True)
     out["gensim"] = {}
     for workers in (1, 2):
-        rows = _gensim(train, test, topics, (1, passes), workers, seed, score)
+        rows = _gensim(train, topics, (1, passes), workers, seed, score)
         out["gensim"][workers] = rows
         for p, t, ppl in rows:
             print(f"  gensim LdaMulticore({workers}) {p} passes: {ppl:8.1f} in {t:6.1f} s",
