@@ -30,8 +30,13 @@ def check_run(out, ranks_with_episodes, world_size):
         assert sum(len(x) for x in lengths) == info["episodes"] > 0
         returns = f[f"series/{ranks_with_episodes[0]}/episode_return"]
         assert (returns[()] == lengths[0]).all() and "doc" in returns.attrs  # 1 per step
-        # Serial: after 50 and 100 steps and at the end; dpsgd: every 50 pushes, and the end.
-        assert len(f["eval/return"]) == (3 if world_size == 1 else 1)
+        # Serial: after 50 and 100 steps and at the end. dpsgd: rank 0 (the server) evaluates
+        # after every 50 of its steps (pushes applied) below run.steps, and at the end; how
+        # many pushes there are depends on how far the leader's other core lags behind it.
+        reporter_steps = summary["steps_per_rank"][0]
+        due = [k for k in (50, 100) if k <= reporter_steps]
+        assert len(f["eval/return"]) == 1 + len(due)
+        assert (3 if world_size == 1 else 1) <= 1 + len(due)
 
 
 def test_serial_a2c_records_episodes_and_greedy_return(tmp_path):
